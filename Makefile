@@ -1,0 +1,33 @@
+# sntfx: `make demo` and `make test` create .venv and install what is missing.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default (scikit-learn digits, a small CNN).
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py --out demo-results
+
+## Unit and integration tests (about 10 minutes on 2 cores).
+test: $(STAMP)
+	$(PYTEST) -m "not slow" -q
+
+## The long tests only: model-zoo sweeps, real-data runs (CI runs them too).
+test-slow: $(STAMP)
+	$(PYTEST) -m slow -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_transform.py
+
+clean:
+	rm -rf $(VENV) demo-results bench-results .pytest_cache

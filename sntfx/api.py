@@ -1,0 +1,137 @@
+"""The high-level Python API: trace, transform, fold, build."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from .models import ModelSpec
+from .pass_base import PassContext
+from .pass_manager import PassManager, PipelineReport
+from .policy import Policy
+from .tracing import as_input_tuple, sntfx_meta
+from .tracing import trace as _trace
+
+__all__ = ["trace", "transform", "fold", "build_model"]
+
+
+def build_model(spec: str | ModelSpec, **kwargs: Any) -> nn.Module:
+    """Build a model from a spec string (``torchvision:resnet18``, ``model.py``, ...)."""
+    spec = ModelSpec.parse(spec, kwargs=kwargs) if isinstance(spec, str) else spec
+    return spec.build()
+
+
+def trace(
+    model: nn.Module | str | ModelSpec,
+    example_inputs: Any = None,
+    *,
+    leaf_modules: tuple[str, ...] | list[str] = (),
+    check: bool = True,
+) -> fx.GraphModule:
+    """Trace a model (or a model spec) into a GraphModule with shapes recorded.
+
+    A spec (``"torchvision:resnet18"``, ``"model.py"``, ...) is built first and
+    recorded, so the result can be saved with :func:`sntfx.save`; without
+    ``example_inputs`` the spec's default input is used.
+
+    Example::
+
+        gm = sntfx.trace("sntfx:resnet20", torch.randn(1, 3, 32, 32))
+    """
+    spec = None
+    if isinstance(model, (str, ModelSpec)):
+        spec = ModelSpec.parse(model) if isinstance(model, str) else model
+        if example_inputs is None:
+            example_inputs = spec.example_inputs()
+        model = spec.build()
+    gm = _trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules, check=check)
+    if spec is not None:
+        sntfx_meta(gm)["source"] = spec.to_dict()
+    return gm
+
+
+def transform(
+    model: nn.Module | str | ModelSpec,
+    example_inputs: Any = None,
+    *,
+    style: str | None = None,
+    ratio: int | None = None,
+    policy: Policy | dict | str | Path | None = None,
+    preserve: bool = False,
+    online: bool = False,
+    seed: int = 0,
+    check: bool = False,
+    report: bool = False,
+    inplace: bool = False,
+) -> fx.GraphModule | tuple[fx.GraphModule, PipelineReport]:
+    """Trace and expand every eligible layer into an SNT block (the ``snt`` pass).
+
+    Args:
+        model: an ``nn.Module``, a GraphModule, or a model spec string.
+        example_inputs: a tensor or tuple of tensors (a spec has a default).
+        style / ratio: expansion style and ratio (override the policy's).
+        policy: which layers to expand and how (:class:`~sntfx.policy.Policy`).
+        preserve: start the blocks at exactly the original function.
+        online: ``linear`` blocks run as one composed conv per call.
+        seed: initialisation seed.
+        check: with ``preserve=True``, verify the outputs are unchanged.
+        report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
+        inplace: when ``model`` is already a GraphModule, expand it instead of a copy.
+
+    Example::
+
+        snt = sntfx.transform(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224), style="linear", ratio=4)
+    """
+    from sntfx.passes import SNTExpand
+
+    if isinstance(model, fx.GraphModule) and "sntfx" in model.meta:
+        gm = model if inplace else copy.deepcopy(model)
+    else:
+        gm = trace(model, example_inputs)
+    inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
+    expand = SNTExpand(style=style, ratio=ratio, policy=policy, preserve=preserve, online=online, seed=seed)
+    result = PassManager([expand], check=check).run(gm, PassContext(example_inputs=inputs, seed=seed))
+    return (result.graph_module, result) if report else result.graph_module
+
+
+def fold(
+    model: fx.GraphModule,
+    example_inputs: Any = None,
+    *,
+    batchnorm: bool = False,
+    check: bool = False,
+    report: bool = False,
+    inplace: bool = False,
+) -> fx.GraphModule | tuple[fx.GraphModule, PipelineReport]:
+    """Fold every SNT block back into its original layer (the ``fold`` pass).
+
+    Args:
+        model: a GraphModule holding SNT blocks (e.g. from :func:`transform`).
+        example_inputs: inputs on which each block's fold error is measured
+            (default: random inputs of the recorded shapes).
+        batchnorm: also fold the model's own BatchNorms into the layers before them.
+        check: verify the whole model's outputs are unchanged (raises if not).
+        report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
+        inplace: fold ``model`` itself instead of a copy (saves memory).
+    """
+    from sntfx.passes import FoldBatchNorm, SNTFold
+
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError("sntfx.fold expects a GraphModule from sntfx.transform or sntfx.load")
+    inputs = as_input_tuple(example_inputs) or _recorded_inputs(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+    passes = [SNTFold()] + ([FoldBatchNorm()] if batchnorm else [])
+    result = PassManager(passes, check=check).run(model, PassContext(example_inputs=inputs))
+    return (result.graph_module, result) if report else result.graph_module
+
+
+def _recorded_inputs(gm: fx.GraphModule) -> tuple:
+    from .tracing import inputs_from_spec
+
+    spec = sntfx_meta(gm).get("input_spec")
+    return inputs_from_spec(spec) if spec else ()

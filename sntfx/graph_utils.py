@@ -1,0 +1,104 @@
+"""Small helpers shared by passes: module lookup and replacement, call sites."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = [
+    "set_module",
+    "call_sites",
+    "find_bias_sink",
+    "output_shape",
+    "shared_parameter_owners",
+    "is_plain",
+    "randomize_",
+]
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` with ``new``."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, new)
+
+
+def call_sites(gm: fx.GraphModule, target: str) -> list[fx.Node]:
+    """Every ``call_module`` node that calls the submodule ``target``."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+
+
+def output_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The node's output shape from ``node.meta["tensor_meta"]``, if recorded."""
+    tm = node.meta.get("tensor_meta")
+    shape = getattr(tm, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def find_bias_sink(gm: fx.GraphModule, target: str, out_features: int) -> str | None:
+    """The BatchNorm that alone consumes the output of layer ``target``, if any.
+
+    A bias added to the layer's output can be moved exactly into such a
+    BatchNorm's running mean: ``BN(y + b)`` with ``running_mean - b`` equals
+    ``BN(y)`` in eval mode. Requires one call of the layer, whose only user is
+    one call of a BatchNorm with running statistics over the channel dimension.
+    """
+    sites = call_sites(gm, target)
+    if len(sites) != 1 or len(sites[0].users) != 1:
+        return None
+    user = next(iter(sites[0].users))
+    if user.op != "call_module" or not user.args or user.args[0] is not sites[0] or user.kwargs:
+        return None
+    bn = gm.get_submodule(user.target)
+    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return None
+    if bn.running_mean is None or bn.num_features != out_features:
+        return None
+    if len(call_sites(gm, user.target)) != 1:
+        return None
+    shape = output_shape(sites[0])
+    if shape is not None and (len(shape) < 2 or shape[1] != out_features):
+        return None  # e.g. a Linear on (N, L, C): BatchNorm1d would normalise L
+    return user.target
+
+
+def shared_parameter_owners(root: nn.Module) -> dict[int, set[str]]:
+    """id(parameter) -> the module paths that own it, for parameters owned twice or more."""
+    owners: dict[int, set[str]] = {}
+    for mod_name, mod in root.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(mod_name)
+    return {k: v for k, v in owners.items() if len(v) > 1}
+
+
+def is_plain(module: nn.Module, *bases: type) -> bool:
+    """True when ``module`` is one of ``bases`` or a subclass that keeps its forward."""
+    for base in bases:
+        if isinstance(module, base):
+            cls = type(module)
+            return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+    return False
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Randomise weights and normalisation statistics, for equivalence tests.
+
+    Conv/linear weights keep their default-init scale, BatchNorm-like layers
+    get weight in [0.5, 1.5], bias and running mean ~ N(0, 0.2), running
+    variance in [0.5, 2].
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if hasattr(m, "running_var") and isinstance(getattr(m, "running_var"), torch.Tensor):
+                w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+                rm = getattr(m, "running_mean", None)
+                if isinstance(w, torch.Tensor):
+                    w.copy_(torch.empty(w.shape).uniform_(0.5, 1.5, generator=gen))
+                if isinstance(b, torch.Tensor):
+                    b.copy_(torch.empty(b.shape).normal_(0, 0.2, generator=gen))
+                if isinstance(rm, torch.Tensor):
+                    rm.copy_(torch.empty(rm.shape).normal_(0, 0.2, generator=gen))
+                m.running_var.copy_(torch.empty(m.running_var.shape).uniform_(0.5, 2.0, generator=gen))
+    return module

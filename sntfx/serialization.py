@@ -1,0 +1,203 @@
+"""Save and load models as a recipe plus weights; loading never runs code from the file.
+
+File layout (written with ``torch.save``, read with ``weights_only=True``)::
+
+    {"format": "sntfx-model", "version": 1,
+     "recipe": "<JSON text>",          # source, inputs, opaque modules, pipeline, versions
+     "digest": "<sha256 hex>",         # of the recipe and every tensor
+     "state_dict": {name: tensor}}
+
+The recipe says where the model comes from (:class:`~sntfx.models.ModelSpec`),
+its example input spec, the modules tracing kept opaque and the pass pipeline
+with its parameters. :func:`load` rebuilds the architecture from the recipe
+(build, trace, replay the passes) and then loads the weights strictly. Only
+plain containers and tensors are unpickled; a file that is not ours, was
+truncated or edited gets a :class:`~sntfx.errors.FileFormatError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import FileFormatError, SntfxError
+from .io import atomic_write
+from .models import ModelSpec
+from .pass_base import PassContext, pass_from_spec
+from .tracing import inputs_from_spec, sntfx_meta, trace
+
+__all__ = ["save", "load", "read_recipe", "FORMAT", "VERSION", "library_versions"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sntfx-model"
+VERSION = 1
+
+
+def library_versions() -> dict[str, str]:
+    from . import __version__
+
+    versions = {"sntfx": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return versions
+
+
+def _digest(recipe_text: str, state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(recipe_text.encode())
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save(model: nn.Module, path: str | Path, *, source: ModelSpec | str | None = None, info: dict | None = None) -> Path:
+    """Write ``model`` (a GraphModule from sntfx) to ``path``, atomically.
+
+    Args:
+        model: a GraphModule made by :func:`sntfx.trace` / :func:`sntfx.transform`
+            from a model spec, or any traced module when ``source`` is given.
+        path: output file (``.pt``).
+        source: where the model comes from, if the model does not record it.
+        info: extra JSON-able information stored in the recipe (e.g. training).
+
+    Example::
+
+        gm = sntfx.transform("torchvision:resnet18", torch.randn(1, 3, 224, 224))
+        sntfx.save(gm, "snt_resnet18.pt")
+    """
+    if not isinstance(model, fx.GraphModule):
+        raise SntfxError("sntfx.save expects a GraphModule from sntfx.trace/transform/fold")
+    meta = sntfx_meta(model)
+    if source is not None:
+        meta["source"] = (ModelSpec.parse(source) if isinstance(source, str) else source).to_dict()
+    if "source" not in meta:
+        raise SntfxError(
+            "this model does not record where it came from, so it could not be rebuilt on load: build it from a "
+            "spec (sntfx.transform('pkg.module:factory', inputs), 'model.py', 'torchvision:NAME') or pass "
+            "source='pkg.module:factory' to sntfx.save"
+        )
+    recipe = {
+        "source": meta["source"],
+        "input_spec": meta.get("input_spec", []),
+        "opaque_modules": meta.get("opaque_modules", []),
+        "pipeline": meta.get("pipeline", []),
+        "info": {**meta.get("info", {}), **(info or {})},
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        recipe_text = json.dumps(recipe, sort_keys=True)
+    except TypeError as exc:
+        raise SntfxError(f"recipe is not JSON-serialisable ({exc}); pass only plain values in info=") from exc
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "recipe": recipe_text,
+        "digest": _digest(recipe_text, state),
+        "state_dict": state,
+    }
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"'{path}' does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a valid file"
+        raise FileFormatError(
+            f"'{path}' is not an sntfx model file, or it is damaged ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). sntfx reads only files written "
+            "by sntfx.save / the sntfx CLI, and never executes code from a file."
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FileFormatError(
+            f"'{path}' is a torch file but not an sntfx model (no '{FORMAT}' header); create one with "
+            "`sntfx transform` or sntfx.save"
+        )
+    if payload.get("version") != VERSION:
+        raise FileFormatError(f"'{path}' has sntfx format version {payload.get('version')}; this sntfx reads version {VERSION}")
+    recipe_text, state, digest = payload.get("recipe"), payload.get("state_dict"), payload.get("digest")
+    if not isinstance(recipe_text, str) or not isinstance(state, dict) or not isinstance(digest, str):
+        raise FileFormatError(f"'{path}' is missing its recipe, weights or digest")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FileFormatError(f"'{path}' holds weights that are not named tensors")
+    if _digest(recipe_text, state) != digest:
+        raise FileFormatError(f"'{path}' was modified after it was written (digest mismatch); re-create it")
+    try:
+        recipe = json.loads(recipe_text)
+    except ValueError as exc:
+        raise FileFormatError(f"'{path}' has an unreadable recipe: {exc}") from exc
+    for key in ("source", "input_spec", "pipeline"):
+        if key not in recipe:
+            raise FileFormatError(f"'{path}' has a recipe without '{key}'")
+    return recipe, state
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe of a saved model, validated, without rebuilding the model."""
+    return _read(path)[0]
+
+
+def load(path: str | Path, *, model_file: str | Path | None = None) -> fx.GraphModule:
+    """Rebuild a saved model: build from its source, trace, replay the passes, load weights.
+
+    Args:
+        path: a file written by :func:`save` or the CLI.
+        model_file: for a model built from a Python file, use this file instead
+            of the recorded one (moved, or deliberately changed).
+
+    Returns:
+        The GraphModule, in eval mode, with its recipe in ``gm.meta["sntfx"]``.
+    """
+    from .pass_manager import PassManager  # local: pass_manager imports this module's neighbours
+
+    recipe, state = _read(path)
+    spec = ModelSpec.from_dict(recipe["source"])
+    if model_file is not None:
+        override = ModelSpec.parse(str(model_file), entry=spec.entry, kwargs=spec.kwargs)
+        spec, verify = override, False
+    else:
+        verify = True
+    model = spec.build(verify_hash=verify)
+    inputs = inputs_from_spec(recipe["input_spec"])
+    gm = trace(model, inputs, leaf_modules=recipe.get("opaque_modules", []), check=False)
+    meta = sntfx_meta(gm)
+    meta["source"] = spec.to_dict()
+    meta["info"] = recipe.get("info", {})
+    passes = [pass_from_spec(p["name"], p.get("params", {})) for p in recipe["pipeline"]]
+    if passes:
+        gm = PassManager(passes).run(gm, PassContext(example_inputs=inputs, rebuild=True)).graph_module
+    missing, unexpected = _diff_keys(gm.state_dict(), state)
+    if missing or unexpected:
+        raise FileFormatError(
+            f"'{path}': the weights do not fit the architecture rebuilt from its recipe "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}); the model source may have changed"
+        )
+    try:
+        gm.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise FileFormatError(f"'{path}': weights do not fit the rebuilt model: {exc}") from exc
+    gm.eval()
+    return gm
+
+
+def _diff_keys(expected: dict, got: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
