@@ -152,7 +152,8 @@ class SNTExpand(Pass):
                 continue
             center = True
             if decision.style != "linear" and layer.bias is None:
-                center = find_bias_sink(gm, path, _out_features(layer)) is not None
+                out = layer.out_features if kind == "linear" else layer.out_channels
+                center = find_bias_sink(gm, path, out, linear=kind == "linear") is not None
             block = make_block(
                 layer, decision.style, ratio=decision.ratio, center=center, preserve=self.preserve, gen=gen
             )
@@ -165,10 +166,6 @@ class SNTExpand(Pass):
                 stats["shared block (several call sites)"] += 1
         log.info("snt: expanded %d of %d layers", expanded, len(targets))
         return PassResult(gm, expanded > 0, stats)
-
-
-def _out_features(layer: nn.Module) -> int:
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _ancestors(path: str) -> list[str]:

@@ -60,7 +60,8 @@ class SNTFold(Pass):
         for name, block in blocks:
             layer, residual = block.fold()
             if residual is not None:
-                sink = find_bias_sink(gm, name, block.config.out_features)
+                c = block.config
+                sink = find_bias_sink(gm, name, c.out_features, linear=not c.is_conv)
                 if sink is None:
                     raise SntfxError(
                         f"block '{name}' folds to a bias, but its layer has none and its output no longer "

@@ -191,6 +191,30 @@ def _orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Te
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())).unsqueeze(0)
 
 
+def _span(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (columns) of the column space of ``m``."""
+    u, sv, _ = torch.linalg.svd(m, full_matrices=False)
+    rank = int((sv > sv.max() * 1e-12).sum()) if sv.numel() else 0
+    return u[:, :rank]
+
+
+def _semi_orthogonal(rows: int, cols: int, gen: torch.Generator, keep) -> torch.Tensor:
+    """A ``rows x cols`` float64 matrix ``M`` with ``M^T M`` the identity on a needed space.
+
+    ``rows >= cols``: orthonormal columns, ``M^T M = I``. ``rows < cols``:
+    orthonormal rows whose span contains the columns of ``keep()`` (a
+    ``cols x j`` orthonormal basis, ``j <= rows``), so ``M^T M`` is the
+    identity on that span.
+    """
+    if rows >= cols:
+        return _orthonormal_columns(rows, cols, gen)
+    basis = keep()
+    z = torch.randn(cols, rows - basis.shape[1], dtype=torch.float64, generator=gen)
+    z = z - basis @ (basis.T @ z)
+    q, _ = torch.linalg.qr(torch.cat([basis, z], dim=1))
+    return q.T
+
+
 class SNTBlock(nn.Module):
     """Base class of the expanded blocks. ``fold()`` gives back the original layer."""
 
@@ -265,7 +289,9 @@ class LinearExpansion(SNTBlock):
     For a ``k x k`` conv with ratio ``r``: ``expand`` 1x1 ``C_in -> r C_in``,
     ``core`` ``k x k`` ``r C_in -> r C_out`` (the layer's stride and dilation),
     ``project`` 1x1 ``r C_out -> C_out``; all with the layer's groups. For a
-    Linear: ``d_in -> r d_in -> r d_out -> d_out``.
+    Linear ``d_in -> d_out`` both hidden widths are ``r min(d_in, d_out)``
+    (the product cannot have a higher rank than that, and a VGG classifier's
+    ``25088 -> 4096`` stays trainable).
 
     Args:
         config: the layer replaced.
@@ -283,37 +309,56 @@ class LinearExpansion(SNTBlock):
         self.ratio = int(ratio)
         self.online = online
         r, cin, cout = self.ratio, config.in_features, config.out_features
-        self.expand = _sub_conv(config, cin, r * cin, None)
+        if config.is_conv:
+            self.hidden = (r * cin, r * cout)
+        else:
+            self.hidden = (r * min(cin, cout),) * 2
+        a, b = self.hidden
+        self.expand = _sub_conv(config, cin, a, None)
         self.core = _sub_conv(
-            config, r * cin, r * cout, config.kernel or None, stride=config.stride, dilation=config.dilation, bias=config.bias
+            config, a, b, config.kernel or None, stride=config.stride, dilation=config.dilation, bias=config.bias
         )
-        self.project = _sub_conv(config, r * cout, cout, None, bias=config.bias)
+        self.project = _sub_conv(config, b, cout, None, bias=config.bias)
 
     def reset_parameters(self, gen: torch.Generator) -> None:
-        """Effective kernel variance equal to the layer's default init, 1/(3 fan_in)."""
-        c, r, g = self.config, self.ratio, self.config.groups
+        """Effective kernel variance equal to the layer's default init, 1/(3 fan_in).
+
+        With ``expand ~ N(0, g/C_in)`` and ``project ~ N(0, g/B)``, the composed
+        kernel's entries have variance ``(A/C_in) var(core)``; ``core`` gets the
+        variance that makes this the default ``1/(3 fan_in)``.
+        """
+        c, g = self.config, self.config.groups
+        a, b = self.hidden
         target_var = 1.0 / (3.0 * c.default_fan_in())
         _normal_(self.expand.weight, math.sqrt(g / c.in_features), gen)
-        _normal_(self.core.weight, math.sqrt(target_var / r), gen)
-        _normal_(self.project.weight, math.sqrt(g / (r * c.out_features)), gen)
+        _normal_(self.core.weight, math.sqrt(target_var * c.in_features / a), gen)
+        _normal_(self.project.weight, math.sqrt(g / b), gen)
         if c.bias:
             with torch.no_grad():
                 self.core.bias.zero_()
             _uniform_(self.project.bias, c.default_fan_in(), gen)
 
     def preserve(self, layer: nn.Module, gen: torch.Generator) -> None:
-        """Set the parameters so that the block computes exactly ``layer``."""
-        c, r, g = self.config, self.ratio, self.config.groups
-        cin_g, cout_g = c.in_features // g, c.out_features // g
-        w0 = layer.weight.detach().double().reshape(g, cout_g, cin_g, -1)  # (g, O, I, K)
-        w1 = torch.empty(g, r * cin_g, cin_g, dtype=torch.float64)
-        w2 = torch.empty(g, r * cout_g, r * cin_g, w0.shape[-1], dtype=torch.float64)
-        w3 = torch.empty(g, cout_g, r * cout_g, dtype=torch.float64)
+        """Set the parameters so that the block computes exactly ``layer``.
+
+        ``expand`` and ``project`` are semi-orthogonal (``W1^T W1`` and
+        ``W3 W3^T`` act as the identity on the row and column spaces of the
+        layer's weight ``W0``) and ``core = W3^T W0 W1^T`` tap by tap, so
+        ``W3 core W1 = W0``.
+        """
+        c, g = self.config, self.config.groups
+        a, b = self.hidden
+        cin_g, cout_g, a_g, b_g = c.in_features // g, c.out_features // g, a // g, b // g
+        w0 = layer.weight.detach().double().cpu().reshape(g, cout_g, cin_g, -1)  # (g, O, I, K)
+        w1 = torch.empty(g, a_g, cin_g, dtype=torch.float64)
+        w2 = torch.empty(g, b_g, a_g, w0.shape[-1], dtype=torch.float64)
+        w3 = torch.empty(g, cout_g, b_g, dtype=torch.float64)
         for gi in range(g):
-            q1 = _orthonormal_columns(r * cin_g, cin_g, gen)  # (A, I), q1^T q1 = I
-            q3 = _orthonormal_columns(r * cout_g, cout_g, gen).T  # (O, B), q3 q3^T = I
-            w1[gi], w3[gi] = q1, q3
-            w2[gi] = torch.einsum("bo,oik,ai->bak", q3.T, w0[gi], q1)
+            rows = w0[gi].permute(0, 2, 1).reshape(-1, cin_g)  # every tap's rows
+            cols = w0[gi].permute(0, 2, 1).reshape(cout_g, -1)
+            w1[gi] = _semi_orthogonal(a_g, cin_g, gen, keep=lambda: _span(rows.T))
+            w3[gi] = _semi_orthogonal(b_g, cout_g, gen, keep=lambda: _span(cols)).T
+            w2[gi] = torch.einsum("bo,oik,ai->bak", w3[gi].T, w0[gi], w1[gi])
         with torch.no_grad():
             self.expand.weight.copy_(w1.reshape(self.expand.weight.shape))
             self.core.weight.copy_(w2.reshape(self.core.weight.shape))
@@ -354,15 +399,11 @@ class LinearExpansion(SNTBlock):
         return self.project(self.core(self.expand(x)))
 
     def macs(self, in_shape, out_shape) -> int:
-        c, r, g = self.config, self.ratio, self.config.groups
-        cin_g, cout_g = c.in_features // g, c.out_features // g
+        c, g = self.config, self.config.groups
+        a, b = self.hidden
         rows_in = math.prod(in_shape) // c.in_features
         rows_out = math.prod(out_shape) // c.out_features
-        return (
-            rows_in * r * c.in_features * cin_g
-            + rows_out * r * c.out_features * r * cin_g * c.ktaps
-            + rows_out * c.out_features * r * cout_g
-        )
+        return rows_in * a * (c.in_features // g) + rows_out * b * (a // g) * c.ktaps + rows_out * c.out_features * (b // g)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ratio={self.ratio}, online={self.online}"

@@ -36,30 +36,31 @@ def output_shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
-def find_bias_sink(gm: fx.GraphModule, target: str, out_features: int) -> str | None:
-    """The BatchNorm that alone consumes the output of layer ``target``, if any.
+def find_bias_sink(gm: fx.GraphModule, target: str, out_features: int, *, linear: bool) -> str | None:
+    """The BatchNorm that alone consumes the output of the layer at ``target``, if any.
 
     A bias added to the layer's output can be moved exactly into such a
     BatchNorm's running mean: ``BN(y + b)`` with ``running_mean - b`` equals
     ``BN(y)`` in eval mode. Requires one call of the layer, whose only user is
-    one call of a BatchNorm with running statistics over the channel dimension.
+    one call of a BatchNorm with running statistics over the layer's output
+    features (dimension 1: a conv's channels, or a Linear on ``(N, C)``).
     """
     sites = call_sites(gm, target)
     if len(sites) != 1 or len(sites[0].users) != 1:
         return None
     user = next(iter(sites[0].users))
-    if user.op != "call_module" or not user.args or user.args[0] is not sites[0] or user.kwargs:
+    if user.op != "call_module" or len(user.args) != 1 or user.args[0] is not sites[0] or user.kwargs:
         return None
     bn = gm.get_submodule(user.target)
-    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d):
+    if type(bn) not in (nn.BatchNorm1d, nn.BatchNorm2d) or bn.running_mean is None:
         return None
-    if bn.running_mean is None or bn.num_features != out_features:
-        return None
-    if len(call_sites(gm, user.target)) != 1:
+    if bn.num_features != out_features or len(call_sites(gm, user.target)) != 1:
         return None
     shape = output_shape(sites[0])
-    if shape is not None and (len(shape) < 2 or shape[1] != out_features):
-        return None  # e.g. a Linear on (N, L, C): BatchNorm1d would normalise L
+    if shape is None or len(shape) < 2 or shape[1] != out_features:
+        return None
+    if linear and len(shape) != 2:
+        return None  # a Linear on (N, L, C): BatchNorm1d would normalise L, not C
     return user.target
 
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from .errors import PipelineError
+from .errors import PipelineError, SntfxError
 
 __all__ = [
     "Property",
@@ -163,7 +163,7 @@ def pass_from_spec(name: str, params: dict[str, Any]) -> Pass:
     cls = get_pass_class(name)
     try:
         return cls(**params)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, SntfxError) as exc:
         raise PipelineError(f"pass '{name}': bad parameters {params}: {exc}") from exc
 
 

@@ -32,7 +32,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
+from .blocks import SNTBlock
 from .errors import TraceError
+from .graph_utils import is_plain
 
 __all__ = [
     "trace",
@@ -84,6 +86,8 @@ class _RetryTracer(fx.Tracer):
             return True
         if DEFAULT_LEAF_TYPES and isinstance(m, DEFAULT_LEAF_TYPES):
             return True
+        if isinstance(m, SNTBlock) or is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
+            return True  # user subclasses that keep the layer's forward stay layers
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):

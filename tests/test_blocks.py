@@ -1,0 +1,237 @@
+"""SNT blocks: exact fold, online forward, preserve mode, initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, make_block
+from sntfx.graph_utils import randomize_
+from sntfx.tracing import compare_outputs
+
+TOL = 1e-5
+STYLES = ["linear", "branch", "qa-branch"]
+
+LAYERS = {
+    "3x3": lambda: nn.Conv2d(8, 8, 3, padding=1),
+    "3x3 s2 no-bias": lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+    "5x5 depthwise": lambda: nn.Conv2d(8, 8, 5, padding=2, groups=8),
+    "3x5 dilated grouped": lambda: nn.Conv2d(6, 12, (3, 5), padding=(2, 1), dilation=(2, 1), groups=3),
+    "reflect": lambda: nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+    "replicate even k s2": lambda: nn.Conv2d(4, 8, 2, stride=2, padding=1, padding_mode="replicate"),
+    "same even k": lambda: nn.Conv2d(8, 8, 4, padding="same"),
+    "valid": lambda: nn.Conv2d(8, 8, 3, padding="valid"),
+    "1x1": lambda: nn.Conv2d(8, 8, 1),
+    "conv1d circular": lambda: nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular"),
+    "conv1d s2 dilated": lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=3, padding=2, bias=False),
+    "linear": lambda: nn.Linear(10, 10),
+    "linear wide-in": lambda: nn.Linear(24, 5),
+    "linear wide-out": lambda: nn.Linear(5, 24),
+    "linear no-bias": lambda: nn.Linear(10, 7, bias=False),
+}
+
+
+def _input_for(layer: nn.Module, gen: torch.Generator, spatial=(9, 10)) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return torch.randn(3, 4, layer.in_features, generator=gen)  # leading dims, like tokens
+    if isinstance(layer, nn.Conv1d):
+        return torch.randn(2, layer.in_channels, 13, generator=gen)
+    return torch.randn(2, layer.in_channels, *spatial, generator=gen)
+
+
+def _folded_output(block, x):
+    layer, residual = block.fold()
+    y = layer(x)
+    if residual is not None:
+        if isinstance(layer, nn.Linear):
+            y = y + residual.to(y)  # features are the last dimension
+        else:
+            y = y + residual.to(y).reshape(1, -1, *([1] * (y.dim() - 2)))
+    return layer, y
+
+
+# (style, center): `center` (shifted vs scale-only branch norms) applies to branch styles only.
+VARIANTS = [("linear", True), ("branch", True), ("branch", False), ("qa-branch", True), ("qa-branch", False)]
+
+
+@pytest.mark.parametrize("style,center", VARIANTS)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_fold_is_exact(style, name, center):
+    layer = LAYERS[name]()
+    gen = torch.Generator().manual_seed(0)
+    block = make_block(layer, style, ratio=3, center=center, gen=gen)
+    randomize_(block, seed=1)
+    block.eval()
+    x = _input_for(layer, gen)
+    with torch.no_grad():
+        want = block(x)
+        folded, got = _folded_output(block, x)
+    assert compare_outputs(want, got) <= TOL
+    assert type(folded) is type(layer)
+    assert LayerConfig.from_module(folded) == LayerConfig.from_module(layer)
+    assert sum(p.numel() for p in folded.parameters()) == sum(p.numel() for p in layer.parameters())
+
+
+def test_bias_free_layer_with_scale_only_norms_folds_without_bias():
+    layer = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    block = make_block(layer, "branch", center=False)
+    randomize_(block, 3)
+    folded, residual = block.fold()
+    assert residual is None and folded.bias is None
+    assert not block.needs_bias_sink
+
+
+def test_bias_free_layer_with_centered_norms_hands_over_its_bias():
+    layer = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    block = make_block(layer, "branch", center=True)
+    randomize_(block, 3)
+    folded, residual = block.fold()
+    assert folded.bias is None and residual is not None and residual.abs().max() > 0
+
+
+def test_branch_block_structure():
+    b = make_block(nn.Conv2d(8, 8, 3, padding=1), "branch")
+    assert isinstance(b, BranchBlock) and b._branch_count() == 4  # kxk, 1x1, avg, identity
+    b = make_block(nn.Conv2d(8, 16, 3, stride=2, padding=1), "branch")
+    assert b._branch_count() == 3 and not b.has_identity  # channels/stride differ
+    qa = make_block(nn.Conv2d(8, 8, 3, padding=1), "qa-branch")
+    assert qa.aux_norm is None and qa.identity_norm is None and qa.avg_proj is None and qa.post_norm is not None
+    assert make_block(nn.Conv2d(8, 8, 1), "branch").aux is None  # a 1x1 has no separate 1x1 branch
+
+
+@pytest.mark.parametrize("name", ["3x3", "5x5 depthwise", "3x5 dilated grouped", "reflect", "same even k", "linear"])
+def test_online_forward_matches_explicit_outputs_and_gradients(name):
+    layer = LAYERS[name]()
+    gen = torch.Generator().manual_seed(0)
+    explicit = make_block(layer, "linear", ratio=4, gen=gen).double()
+    online = make_block(layer, "linear", ratio=4, gen=torch.Generator().manual_seed(0)).double()
+    online.online = True
+    x = _input_for(layer, gen).double()
+    y1, y2 = explicit(x), online(x)
+    assert compare_outputs(y1, y2) <= 1e-10
+    g = torch.randn(y1.shape, generator=gen, dtype=torch.float64)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    for (n1, p1), (_, p2) in zip(explicit.named_parameters(), online.named_parameters()):
+        assert compare_outputs(p1.grad, p2.grad) <= 1e-10, n1
+
+
+def test_online_forward_float32_within_1e5():
+    layer = nn.Conv2d(16, 16, 3, padding=1)
+    gen = torch.Generator().manual_seed(0)
+    a = make_block(layer, "linear", ratio=4, gen=gen)
+    b = make_block(layer, "linear", ratio=4, gen=torch.Generator().manual_seed(0))
+    b.online = True
+    x = torch.randn(4, 16, 12, 12, generator=gen)
+    ya, yb = a(x), b(x)
+    assert compare_outputs(ya, yb) <= 1e-5
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert compare_outputs(pa.grad, pb.grad) <= 1e-5, n
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize(
+    "name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "3x5 dilated grouped", "reflect", "linear", "linear wide-in", "linear wide-out"]
+)
+def test_preserve_computes_the_original_layer(style, name):
+    layer = LAYERS[name]()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+    block = make_block(layer, style, ratio=2, preserve=True).eval()
+    x = _input_for(layer, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert compare_outputs(layer(x), block(x)) <= TOL
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "linear"])
+def test_init_keeps_the_effective_kernel_scale(style, name):
+    """The eval-mode effective kernel has about the energy of PyTorch's default init."""
+    layer = LAYERS[name]()
+    config = LayerConfig.from_module(layer)
+    expected = layer.weight.numel() / (3 * config.default_fan_in())  # E[sum w^2] of U(+-1/sqrt(fan_in))
+    ratios = []
+    for seed in range(4):
+        block = make_block(layer, style, ratio=4, gen=torch.Generator().manual_seed(seed)).eval()
+        w, _ = block.folded_weight_bias()
+        ratios.append(w.square().sum().item() / expected)
+    mean = sum(ratios) / len(ratios)
+    assert 0.5 <= mean <= 2.0, ratios
+
+
+def test_linear_expansion_output_variance_matches_original():
+    layer = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(8, 32, 16, 16)
+    var_orig = []
+    var_block = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        var_orig.append(nn.Conv2d(32, 32, 3, padding=1, bias=False)(x).var().item())
+        block = make_block(layer, "linear", ratio=4, gen=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            block.project.bias.zero_()
+            var_block.append(block(x).var().item())
+    assert 0.7 <= (sum(var_block) / sum(var_orig)) <= 1.4
+
+
+def test_bad_ratio_and_style():
+    with pytest.raises(ValueError, match="ratio"):
+        LinearExpansion(LayerConfig.from_module(nn.Linear(2, 2)), ratio=0)
+    with pytest.raises(ValueError, match="unknown SNT style"):
+        make_block(nn.Linear(2, 2), "wide")
+
+
+@st.composite
+def conv_configs(draw):
+    groups = draw(st.sampled_from([1, 2, 4]))
+    cin = groups * draw(st.integers(1, 3))
+    cout = groups * draw(st.integers(1, 3))
+    if draw(st.booleans()):
+        cout = cin  # let identity branches appear
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    same = draw(st.booleans()) and stride == (1, 1)
+    if same:
+        padding = "same"
+    else:
+        padding = (draw(st.integers(0, kh)), draw(st.integers(0, kw)))
+    bias = draw(st.booleans())
+    style = draw(st.sampled_from(STYLES))
+    center = draw(st.booleans())
+    return dict(cin=cin, cout=cout, k=(kh, kw), stride=stride, dilation=dilation, mode=mode, padding=padding,
+                bias=bias, groups=groups, style=style, center=center)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_configs(), st.integers(0, 2**31 - 1))
+def test_fold_is_exact_for_any_conv2d(cfg, seed):
+    layer = nn.Conv2d(cfg["cin"], cfg["cout"], cfg["k"], stride=cfg["stride"], padding=cfg["padding"],
+                      dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"], padding_mode=cfg["mode"])
+    gen = torch.Generator().manual_seed(seed)
+    h = max(cfg["dilation"][0] * (cfg["k"][0] - 1) + 1, 5) + 3
+    w = max(cfg["dilation"][1] * (cfg["k"][1] - 1) + 1, 5) + 2
+    x = torch.randn(2, cfg["cin"], h, w, generator=gen)
+    try:
+        layer(x)
+    except RuntimeError:
+        return  # e.g. reflect padding wider than the input: the layer itself rejects it
+    block = make_block(layer, cfg["style"], ratio=2, center=cfg["center"], gen=gen)
+    randomize_(block, seed=seed % 1000)
+    block.eval()
+    with torch.no_grad():
+        want = block(x)
+        folded, got = _folded_output(block, x)
+    assert want.shape == layer(x).shape
+    assert compare_outputs(want, got) <= TOL
+    assert LayerConfig.from_module(folded) == LayerConfig.from_module(layer)
+    assert math.isfinite(want.abs().max().item())

@@ -1,0 +1,251 @@
+"""The snt / fold / fold_bn passes on small graphs: match, no match, skips, counts, numerics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sntfx
+from sntfx import PassContext, PassManager, Policy, Rule
+from sntfx.blocks import BranchBlock, LinearExpansion, SNTBlock
+from sntfx.graph_utils import randomize_
+from sntfx.passes import FoldBatchNorm, SNTExpand, SNTFold
+from sntfx.tracing import compare_outputs
+
+from models_for_tests import Conv1dNet, ConvNet, Functional, Tied, Tokens
+
+TOL = 1e-5
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _roundtrip(model, x, style, **kw):
+    gm = sntfx.trace(model.eval(), x)
+    n_orig = _params(gm)
+    snt, rep = sntfx.transform(gm, x, style=style, report=True, **kw)
+    randomize_(snt, seed=5)
+    snt.eval()
+    with torch.no_grad():
+        want = snt(x)
+    folded, frep = sntfx.fold(snt, x, report=True)
+    with torch.no_grad():
+        got = folded(x)
+    return gm, snt, folded, rep.passes[0], frep.passes[0], compare_outputs(want, got), n_orig
+
+
+@pytest.mark.parametrize("style", ["linear", "branch", "qa-branch"])
+@pytest.mark.parametrize("model_cls,shape", [(ConvNet, (2, 3, 8, 8)), (Conv1dNet, (3, 2, 16))])
+def test_expand_then_fold_is_exact_and_restores_the_architecture(style, model_cls, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    gm, snt, folded, srep, frep, err, n_orig = _roundtrip(model_cls(), x, style, ratio=3)
+    assert err <= TOL
+    assert srep.modified and frep.modified
+    n_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in gm.modules())
+    assert srep.stats[f"expanded: {style}"] == n_layers
+    assert sum(isinstance(m, SNTBlock) for m in snt.modules()) == n_layers
+    assert not any(isinstance(m, SNTBlock) for m in folded.modules())
+    assert _params(folded) == n_orig
+    assert frep.info["max_block_error"] <= TOL
+    # Same module types at the same paths as the original traced model.
+    orig_types = {n: type(m) for n, m in gm.named_modules() if n}
+    assert {n: type(m) for n, m in folded.named_modules() if n} == orig_types
+    assert len(folded.graph.nodes) == len(gm.graph.nodes)
+
+
+def test_branch_bias_goes_into_the_following_batchnorm_only_where_it_can():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = sntfx.trace(ConvNet().eval(), x)
+    snt = sntfx.transform(gm, x, style="branch")
+    # conv1 -> bn1 and conv2 -> bn2 have sinks; the depthwise conv has its own bias.
+    assert snt.get_submodule("conv1").center and snt.get_submodule("conv2").center
+    _, _, folded, _, frep, err, _ = _roundtrip(ConvNet(), x, "branch")
+    assert frep.stats["bias moved into BatchNorm"] == 2
+    assert folded.get_submodule("conv1").bias is None
+
+
+def test_linear_on_tokens_is_not_a_bias_sink():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 6)
+    gm = sntfx.trace(Tokens().eval(), x)
+    snt = sntfx.transform(gm, x, style="branch")
+    assert snt.get_submodule("proj").center is False  # BatchNorm1d normalises tokens, not features
+    _, _, folded, _, _, err, n = _roundtrip(Tokens(), x, "qa-branch")
+    assert err <= TOL and _params(folded) == n
+
+
+def test_reused_layer_becomes_one_shared_block_and_tied_weights_are_skipped():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)
+    gm, snt, folded, srep, _, err, n = _roundtrip(Tied(), x, "linear", ratio=2)
+    assert srep.stats["expanded: linear"] == 1
+    assert srep.stats["shared block (several call sites)"] == 1
+    assert srep.stats["skip: shared weight"] == 2  # a and b share a weight
+    assert isinstance(snt.get_submodule("conv"), LinearExpansion)
+    assert sum(1 for n in snt.graph.nodes if n.op == "call_module" and n.target == "conv") == 2
+    assert err <= TOL and _params(folded) == n
+    assert folded.get_submodule("a").weight is folded.get_submodule("b").weight
+
+
+def test_functional_convolution_is_skipped_and_reported():
+    x = torch.randn(1, 3, 5, 5)
+    gm = sntfx.trace(Functional().eval(), x)
+    _, rep = sntfx.transform(gm, x, report=True)
+    assert rep.passes[0].stats["skip: functional conv"] == 1
+    assert rep.passes[0].stats["expanded: linear"] == 1
+
+
+def test_no_match_leaves_the_model_alone():
+    class NoLayers(nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    x = torch.randn(2, 3)
+    gm = sntfx.trace(NoLayers(), x)
+    snt, rep = sntfx.transform(gm, x, report=True)
+    assert not rep.passes[0].modified and rep.passes[0].stats == {}
+    folded, frep = sntfx.fold(snt, x, report=True)
+    assert not frep.passes[0].modified
+
+
+def test_conv_subclasses_plain_ones_expand_custom_ones_are_traced_through():
+    class MyConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = MyConv(3, 3, 3, padding=1)
+            self.b = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    class PlainConv(nn.Conv2d):
+        pass
+
+    x = torch.randn(1, 3, 5, 5)
+    net = Net()
+    net.b = PlainConv(3, 3, 1)
+    snt, rep = sntfx.transform(sntfx.trace(net, x), x, report=True)
+    # MyConv's own forward is traced through, leaving a functional conv behind.
+    assert rep.passes[0].stats == {"skip: functional conv": 1, "expanded: linear": 1}
+    assert isinstance(snt.get_submodule("b"), LinearExpansion)
+    folded = sntfx.fold(snt, x)
+    assert type(folded.get_submodule("b")) is nn.Conv2d  # folds into the standard layer type
+
+
+def test_policy_selects_layers_and_sets_style_per_layer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    policy = Policy(
+        style="linear",
+        ratio=2,
+        skip_first=True,
+        rules=(Rule("dw", style="qa-branch"), Rule("fc", skip=True)),
+    )
+    gm = sntfx.trace(ConvNet().eval(), x)
+    snt, rep = sntfx.transform(gm, x, policy=policy, report=True)
+    stats = rep.passes[0].stats
+    assert stats == {"skip: first layer": 1, "skip: rule fc": 1, "expanded: qa-branch": 1, "expanded: linear": 1}
+    assert isinstance(snt.get_submodule("dw"), BranchBlock) and snt.get_submodule("dw").qa
+    assert isinstance(snt.get_submodule("conv1"), nn.Conv2d)
+    only_conv = sntfx.transform(gm, x, policy=Policy(types=("linear",), skip_last=False))
+    assert isinstance(only_conv.get_submodule("fc"), LinearExpansion)
+    assert isinstance(only_conv.get_submodule("conv2"), nn.Conv2d)
+
+
+def test_policy_from_files(tmp_path):
+    (tmp_path / "p.toml").write_text('style = "branch"\nexclude = ["fc"]\n[[rules]]\npattern = "conv*"\nstyle = "linear"\nratio = 3\n')
+    (tmp_path / "p.json").write_text('{"style": "qa-branch", "min_params": 100}')
+    toml = Policy.from_file(tmp_path / "p.toml")
+    assert toml.rules[0].ratio == 3 and toml.exclude == ("fc",)
+    assert Policy.from_dict(toml.to_dict()) == toml
+    js = Policy.from_file(tmp_path / "p.json")
+    d = js.decide("dw", "conv2d", 80, first=False, last=False)
+    assert not d.expand and d.reason == "below min_params"
+    (tmp_path / "bad.json").write_text('{"stlye": "linear"}')
+    with pytest.raises(sntfx.PolicyError, match="unknown policy key"):
+        Policy.from_file(tmp_path / "bad.json")
+
+
+def test_transform_and_fold_do_not_touch_their_input():
+    x = torch.randn(2, 3, 8, 8)
+    gm = sntfx.trace(ConvNet().eval(), x)
+    snt = sntfx.transform(gm, x)
+    assert not any(isinstance(m, SNTBlock) for m in gm.modules())
+    folded = sntfx.fold(snt, x)
+    assert any(isinstance(m, SNTBlock) for m in snt.modules())
+    assert not any(isinstance(m, SNTBlock) for m in folded.modules())
+
+
+def test_fold_with_batchnorm_removes_every_batchnorm_exactly():
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 16)
+    gm = sntfx.trace(Conv1dNet().eval(), x)
+    randomize_(gm, 1)
+    snt = sntfx.transform(gm, x, style="branch")
+    randomize_(snt, 2)
+    snt.eval()
+    with torch.no_grad():
+        want = snt(x)
+    folded = sntfx.fold(snt, x, batchnorm=True, check=True)
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    with torch.no_grad():
+        assert compare_outputs(want, folded(x)) <= TOL
+
+
+def test_fold_measures_on_random_inputs_without_example_inputs():
+    x = torch.randn(2, 3, 8, 8)
+    snt = sntfx.transform(sntfx.trace(ConvNet().eval(), x), x, style="branch")
+    report = PassManager([SNTFold()]).run(snt, PassContext())
+    assert report.passes[0].info["max_block_error"] <= TOL
+    assert set(report.passes[0].info["block_errors"]) == {"conv1", "dw", "conv2", "fc"}
+
+
+def test_online_option_reaches_the_blocks():
+    x = torch.randn(2, 3, 8, 8)
+    snt = sntfx.transform(sntfx.trace(ConvNet().eval(), x), x, style="linear", online=True)
+    assert all(m.online for m in snt.modules() if isinstance(m, LinearExpansion))
+
+
+def test_seed_makes_expansion_deterministic():
+    x = torch.randn(2, 3, 8, 8)
+    gm = sntfx.trace(ConvNet().eval(), x)
+    a = sntfx.transform(gm, x, seed=3)
+    b = sntfx.transform(gm, x, seed=3)
+    c = sntfx.transform(gm, x, seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_fold_bn_skips_what_it_cannot_fold():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+            self.bn_free = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y, self.bn_free(torch.relu(y))
+
+    x = torch.randn(2, 3, 6, 6)
+    gm = sntfx.trace(Net().eval(), x)
+    report = PassManager([FoldBatchNorm()]).run(gm, PassContext(example_inputs=(x,)))
+    stats = report.passes[0].stats
+    assert not report.passes[0].modified
+    assert stats == {"skip: layer output used elsewhere": 1, "skip: input is not a layer": 1}
+
+
+def test_expand_pass_params_rebuild_the_same_pass():
+    p = SNTExpand(style="branch", ratio=3, policy=Policy(exclude=("fc",)), preserve=True)
+    q = SNTExpand(**p.params())
+    assert q.params() == p.params() and q.spec() == "snt(style=branch,ratio=3,preserve=true)"

@@ -1,0 +1,147 @@
+"""Helpers for the model-zoo equivalence tests (also usable from a shell).
+
+``check_model`` builds a model with random weights, randomises its
+BatchNorm statistics, transforms it with a style, randomises the expanded
+blocks (weights and norm statistics), folds, and compares eval-mode outputs
+of the folded model with the expanded one.
+
+Models above ``BLOCKWISE_PARAMS`` parameters are not expanded whole (their
+expansion would not fit in memory here): each eligible layer is expanded on
+its own and checked on the input it receives in the original model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import sntfx
+from sntfx.blocks import LayerConfig, make_block
+from sntfx.graph_utils import is_plain, randomize_
+from sntfx.tracing import compare_outputs
+
+# Expanded models estimated above this many parameters are checked block by block.
+BLOCKWISE_PARAMS = 40_000_000
+TOLERANCE = 1e-5
+
+# Input sizes: the smallest each model accepts keeps the sweep fast.
+FIXED_SIZE = {"inception_v3": 299}
+NEEDS_224 = ("vit_", "swin", "maxvit", "regnet_y_128gf")
+
+
+@dataclass
+class ZooResult:
+    name: str
+    style: str
+    mode: str  # "whole" or "blockwise"
+    max_rel_error: float
+    params_original: int
+    params_folded: int
+    expanded: int
+    seconds: float
+
+
+def input_size(name: str) -> int:
+    if name in FIXED_SIZE:
+        return FIXED_SIZE[name]
+    if name.startswith(NEEDS_224):
+        return 224
+    return 64
+
+
+def randomize_blocks_(model: nn.Module, seed: int) -> None:
+    """Random weights (default-init scale) and norm statistics everywhere."""
+    randomize_(model, seed)
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model(model: nn.Module, x: torch.Tensor, style: str, *, ratio: int = 2, name: str = "") -> ZooResult:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model.eval()
+    randomize_(model, seed=1)
+    if expanded_estimate(model, style, ratio) > BLOCKWISE_PARAMS:
+        return _check_blockwise(model, x, style, ratio, name, start)
+    gm = sntfx.trace(model, x)
+    original_params = count(gm)
+    snt, report = sntfx.transform(gm, x, style=style, ratio=ratio, report=True, inplace=True)
+    randomize_(snt, seed=2)
+    snt.eval()
+    with torch.no_grad():
+        want = snt(x)
+    folded = sntfx.fold(snt, x, inplace=True)
+    with torch.no_grad():
+        got = folded(x)
+    expanded = sum(v for k, v in report.passes[0].stats.items() if k.startswith("expanded"))
+    return ZooResult(name, style, "whole", compare_outputs(want, got), original_params, count(folded), expanded,
+                     time.perf_counter() - start)
+
+
+def expanded_estimate(model: nn.Module, style: str, ratio: int) -> int:
+    """Parameters the model would have after expansion (plain layers only)."""
+    total = count(model)
+    for m in model.modules():
+        if not is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
+            continue
+        c = LayerConfig.from_module(m)
+        cin_g, cout_g = c.in_features // c.groups, c.out_features // c.groups
+        if style == "linear":
+            grown = ratio * c.in_features * cin_g + ratio * ratio * c.out_features * cin_g * c.ktaps
+            grown += ratio * c.out_features * cout_g
+        else:
+            grown = 2 * m.weight.numel() + 10 * c.out_features
+        total += grown - m.weight.numel()
+    return total
+
+
+def _check_blockwise(model, x, style, ratio, name, start) -> ZooResult:
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, m in model.named_modules():
+        if is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
+            hooks.append(m.register_forward_pre_hook(lambda mod, a, path=path: inputs.setdefault(path, a[0].detach())))
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    worst, n = 0.0, 0
+    gen = torch.Generator().manual_seed(3)
+    for path, inp in inputs.items():
+        layer = model.get_submodule(path)
+        block = make_block(layer, style, ratio=ratio, gen=gen)
+        randomize_(block, seed=n)
+        block.eval()
+        folded, residual = block.fold()
+        if LayerConfig.from_module(folded) != LayerConfig.from_module(layer):
+            return ZooResult(name, style, "blockwise", math.inf, count(model), -1, n, time.perf_counter() - start)
+        with torch.no_grad():
+            want = block(inp)
+            got = folded(inp)
+            if residual is not None:
+                got = got + residual.to(got).reshape(1, -1, *([1] * (got.dim() - 2)))
+        worst = max(worst, compare_outputs(want, got))
+        n += 1
+    return ZooResult(name, style, "blockwise", worst, count(model), count(model), n, time.perf_counter() - start)
+
+
+if __name__ == "__main__":  # python tests/zoo_check.py [names...]
+    import sys
+
+    import torchvision
+
+    names = sys.argv[1:] or torchvision.models.list_models(module=torchvision.models)
+    for nm in names:
+        m = torchvision.models.get_model(nm, weights=None)
+        s = input_size(nm)
+        for st in ("linear", "branch", "qa-branch"):
+            r = check_model(copy.deepcopy(m), torch.randn(2, 3, s, s), st, name=nm)
+            print(f"{nm:28s} {st:10s} {r.mode:9s} err={r.max_rel_error:.2e} params {r.params_original}->{r.params_folded} "
+                  f"n={r.expanded} {r.seconds:.1f}s", flush=True)
