@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 __all__ = [
     "LayerConfig",
@@ -177,12 +178,12 @@ def _uniform_(t: torch.Tensor, fan_in: int, gen: torch.Generator) -> torch.Tenso
     """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(max(fan_in, 1))
     with torch.no_grad():
-        return t.copy_(torch.empty(t.shape, dtype=torch.float64).uniform_(-bound, bound, generator=gen))
+        return t.uniform_(-bound, bound, generator=gen)
 
 
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
     with torch.no_grad():
-        return t.copy_(torch.empty(t.shape, dtype=torch.float64).normal_(0.0, std, generator=gen))
+        return t.normal_(0.0, std, generator=gen)
 
 
 def _orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
@@ -267,11 +268,16 @@ def layer_macs(config: LayerConfig, out_shape: tuple[int, ...]) -> int:
 
 
 def _sub_conv(config: LayerConfig, cin: int, cout: int, kernel, *, stride=None, dilation=None, bias=False) -> nn.Module:
-    """An inner conv (no padding: the block pads once) or linear."""
+    """An inner conv (no padding: the block pads once) or linear, left uninitialised.
+
+    Every block initialises its parameters itself (``reset_parameters`` or
+    ``preserve``), so PyTorch's own init would be wasted work.
+    """
     if not config.is_conv:
-        return nn.Linear(cin, cout, bias=bias)
+        return skip_init(nn.Linear, cin, cout, bias=bias)
     ones = (1,) * config.ndim
-    return _CONV_CLS[config.ndim](
+    return skip_init(
+        _CONV_CLS[config.ndim],
         cin,
         cout,
         kernel if kernel is not None else ones,

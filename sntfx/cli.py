@@ -168,35 +168,44 @@ def inspect(file, source_file):
         source, pipeline = {"kind": "spec", "name": file}, "(none)"
     rows = layer_summary(gm)
     table = Table(title=f"{file}: source {source.get('kind')}:{Path(source['name']).name}, passes {pipeline}")
-    for col, just in (("layer", "left"), ("type", "left"), ("expansion", "left"), ("params", "right"),
-                      ("params folded", "right"), ("MACs", "right"), ("MACs folded", "right")):
-        table.add_column(col, justify=just)
+    for col, just in (("layer", "left"), ("kind", "left"), ("expansion", "left"), ("params", "right"),
+                      ("folded", "right"), ("MACs", "right"), ("folded", "right")):
+        table.add_column(col, justify=just, overflow="fold")
     for r in rows:
-        table.add_row(r.path, r.type, r.expansion or "-", f"{r.params:,}", f"{r.params_folded:,}",
+        table.add_row(r.path, r.kind, r.expansion or "-", _fmt_int(r.params), _fmt_int(r.params_folded),
                       _fmt_int(r.macs), _fmt_int(r.macs_folded))
     total_params = sum(p.numel() for p in gm.parameters())
     folded_params = total_params - sum(r.params - r.params_folded for r in rows)
     macs = sum(r.macs or 0 for r in rows)
     macs_folded = sum(r.macs_folded or 0 for r in rows)
     table.add_section()
-    table.add_row("total (whole model)", "", f"{sum(bool(r.expansion) for r in rows)} expanded",
-                  f"{total_params:,}", f"{folded_params:,}", _fmt_int(macs), _fmt_int(macs_folded))
+    table.add_row("whole model", "", f"{sum(bool(r.expansion) for r in rows)} expanded",
+                  _fmt_int(total_params), _fmt_int(folded_params), _fmt_int(macs), _fmt_int(macs_folded))
     console.print(table)
+    console.print("params and MACs: K = 1e3, M = 1e6, G = 1e9; MACs of conv/linear layers on the recorded input shape",
+                  style="dim")
 
 
 def _fmt_int(v: int | None) -> str:
-    return "?" if v is None else f"{v:,}"
+    if v is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return str(v)
 
 
 def _print_pass_report(report) -> None:
     table = Table(show_edge=False)
-    for col in ("pass", "time", "nodes", "params", "modified", "stats"):
+    for col in ("pass", "time", "nodes", "params", "modified"):
         table.add_column(col)
     for p in report.passes:
-        stats = ", ".join(f"{k}: {v}" for k, v in sorted(p.stats.items()))
         table.add_row(p.spec, f"{p.seconds:.2f}s", f"{p.nodes_before} -> {p.nodes_after}",
-                      f"{p.params_before:,} -> {p.params_after:,}", "yes" if p.modified else "no", stats)
+                      f"{p.params_before:,} -> {p.params_after:,}", "yes" if p.modified else "no")
     console.print(table)
+    for p in report.passes:
+        for key, value in sorted(p.stats.items()):
+            console.print(f"  {p.name}: {key}: {value}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

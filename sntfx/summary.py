@@ -22,7 +22,7 @@ __all__ = ["LayerRow", "layer_summary"]
 @dataclass
 class LayerRow:
     path: str
-    type: str
+    kind: str  # e.g. "conv2d 3x3 s2 g8", "linear"
     expansion: str  # "" when not expanded
     params: int
     params_folded: int
@@ -32,6 +32,17 @@ class LayerRow:
 
 def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def _describe(c: LayerConfig) -> str:
+    if not c.is_conv:
+        return "linear"
+    text = f"{c.kind} {'x'.join(map(str, c.kernel))}"
+    if any(s != 1 for s in c.stride):
+        text += f" s{'x'.join(map(str, c.stride)) if len(set(c.stride)) > 1 else c.stride[0]}"
+    if c.groups > 1:
+        text += " dw" if c.groups == c.in_features else f" g{c.groups}"
+    return text
 
 
 def layer_summary(gm: fx.GraphModule) -> list[LayerRow]:
@@ -59,7 +70,7 @@ def layer_summary(gm: fx.GraphModule) -> list[LayerRow]:
             macs = m.macs(in_shape, out_shape) if isinstance(m, SNTBlock) and in_shape else folded
         row = rows.get(node.target)
         if row is None:
-            rows[node.target] = LayerRow(node.target, type(m).__name__, expansion, _params(m), folded_params, macs, folded)
+            rows[node.target] = LayerRow(node.target, _describe(config), expansion, _params(m), folded_params, macs, folded)
         elif macs is not None and row.macs is not None:  # several call sites: add their cost
             row.macs += macs
             row.macs_folded += folded

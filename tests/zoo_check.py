@@ -26,7 +26,7 @@ from sntfx.graph_utils import is_plain, randomize_
 from sntfx.tracing import compare_outputs
 
 # Expanded models estimated above this many parameters are checked block by block.
-BLOCKWISE_PARAMS = 40_000_000
+BLOCKWISE_PARAMS = 60_000_000
 TOLERANCE = 1e-5
 
 # Input sizes: the smallest each model accepts keeps the sweep fast.
