@@ -34,3 +34,24 @@ def test_installed_import_names(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "snt"
+
+
+def test_normal_install_imports_from_site_packages(tmp_path):
+    """A non-editable install of the wheel works on its own (no source tree needed)."""
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+        check=True, capture_output=True, timeout=600,
+    )
+    wheel = next(wheel_dir.glob("sntfx-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    code = (
+        "import sntfx, sntfx.passes, sntfx.exporters, torch;"
+        f"assert sntfx.__file__.startswith({str(target)!r}), sntfx.__file__;"
+        f"assert sntfx.passes.__file__.startswith({str(target)!r});"
+        "gm = sntfx.transform('sntfx:cnn'); print(len(list(gm.modules())))"
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr

@@ -1,0 +1,37 @@
+"""The README's Python examples and the example scripts run as documented."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "__readme__"})
+
+
+@pytest.mark.parametrize("script", ["compose_passes.py"])
+def test_example_scripts(script):
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / script)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+
+
+def test_example_model_and_policy_with_the_cli(tmp_path):
+    out = tmp_path / "snt.pt"
+    res = subprocess.run(
+        [sys.executable, "-m", "sntfx", "transform", str(ROOT / "examples" / "model.py"), "--out", str(out),
+         "--policy", str(ROOT / "examples" / "policy.toml")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "skip: first layer: 1" in res.stdout and "expanded: qa-branch: 1" in res.stdout
