@@ -61,13 +61,7 @@ def cli(verbose: int) -> None:
 def _model_spec(model: str, entry: str | None, kwargs: str | None):
     from .models import ModelSpec
 
-    try:
-        kw = json.loads(kwargs) if kwargs else {}
-    except ValueError as exc:
-        raise SntfxError(f"--kwargs must be a JSON object, e.g. '{{\"num_classes\": 10}}': {exc}") from exc
-    if not isinstance(kw, dict):
-        raise SntfxError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
-    return ModelSpec.parse(model, entry=entry, kwargs=kw)
+    return ModelSpec.parse(model, entry=entry, kwargs=_json_kwargs(kwargs))
 
 
 def _inputs_for(path_or_spec: str) -> list[str]:
@@ -184,6 +178,202 @@ def inspect(file, source_file):
     console.print(table)
     console.print("params and MACs: K = 1e3, M = 1e6, G = 1e9; MACs of conv/linear layers on the recorded input shape",
                   style="dim")
+
+
+class _TrainProgress:
+    """A progress bar per epoch: throughput, loss; a line per finished epoch."""
+
+    def __init__(self, progress, rank: int):
+        self.progress, self.rank, self.task = progress, rank, None
+
+    def on_epoch_start(self, epoch, steps):
+        if self.rank == 0:
+            self.task = self.progress.add_task(f"epoch {epoch + 1}", total=steps, loss=float("nan"), rate=0.0)
+
+    def on_step(self, epoch, step, loss, samples_per_s):
+        if self.task is not None:
+            self.progress.update(self.task, completed=step, loss=loss, rate=samples_per_s)
+
+    def on_epoch_end(self, record):
+        if self.rank != 0:
+            return
+        self.progress.remove_task(self.task)
+        self.task = None
+        test = f"  test acc {record['test_accuracy']:.2%}" if "test_accuracy" in record else ""
+        self.progress.console.print(
+            f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.2%}"
+            f"{test}  {record['samples_per_s']:.0f} samples/s  {record['seconds']:.1f}s", highlight=False)
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:.0f} samples/s"),
+                    TimeRemainingColumn(), console=err_console, transient=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", "data_name", required=True, help="digits, fashion-mnist, cifar10, cifar100, synthetic, or an ImageFolder dir.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset's files are.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd", "sam"]), default="adam", show_default=True)
+@click.option("--sam-base", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True, help="Optimizer SAM wraps.")
+@click.option("--rho", type=float, default=0.05, show_default=True, help="SAM neighbourhood radius.")
+@click.option("--adaptive", is_flag=True, help="Adaptive SAM (ASAM).")
+@click.option("--lr", type=float, default=None, help="Learning rate [1e-3 adam, 0.1 sgd].")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Global batch size.")
+@click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--amp", is_flag=True, help="bf16 autocast.")
+@click.option("--no-online-fold", is_flag=True, help="Run LinearExpansion blocks layer by layer (slower).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, help="Also checkpoint every N steps.")
+@click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="At most N batches per epoch.")
+@click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms(True).")
+@click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across processes (torchrun).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
+@click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.")
+@click.option("--entry", default=None, help="Factory name in model.py.")
+@handle_errors
+def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, adaptive, lr, weight_decay, batch_size,
+          schedule, warmup_epochs, label_smoothing, seed, amp, no_online_fold, checkpoint_every, limit_batches,
+          deterministic, sync_bn, workers, device, resume, kwargs, entry):
+    """Train MODEL (a file from `sntfx transform`, or a model spec for the baselines).
+
+    Launch with torchrun for DistributedDataParallel:
+    torchrun --nproc_per_node=N -m sntfx train ...
+    """
+    from .data import load_data
+    from .io import check_output_path
+    from .serialization import save
+    from .train import Trainer, TrainConfig, _dist_info, init_distributed, resolve_device
+    from .workflow import model_for_data
+
+    out_path = check_output_path(out, [model] + ([data_name] if Path(data_name).exists() else []))
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, sam_base=sam_base, lr=lr,
+                         weight_decay=weight_decay, rho=rho, adaptive=adaptive, schedule=schedule,
+                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, amp=amp,
+                         online_fold=not no_online_fold, checkpoint_every=checkpoint_every,
+                         limit_batches=limit_batches, deterministic=deterministic, sync_bn=sync_bn,
+                         num_workers=workers, device=device)
+    init_distributed(str(resolve_device(device)))
+    rank = _dist_info()[0]
+    data = load_data(data_name, data_dir=data_dir, seed=seed)
+    torch_seed(seed)
+    gm = model_for_data(model, data.info, kwargs=_json_kwargs(kwargs), entry=entry)
+    with _progress() as progress:
+        result = Trainer(config, _TrainProgress(progress, rank)).fit(gm, data, out_path, resume=resume)
+    if rank == 0:
+        final = result.final
+        save(gm, out_path, info={"training": config.to_dict(), "data": data.info.to_dict(), "history": result.history})
+        console.print(f"trained {len(result.history)} epochs in {result.seconds:.1f}s: test accuracy "
+                      f"{final.get('test_accuracy', float('nan')):.2%}, train loss {final.get('train_loss', float('nan')):.4f}; "
+                      f"wrote [bold]{out_path}[/]", highlight=False)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", "data_name", required=True, help="Dataset the models were trained on.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="Training batches to measure on.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--rho", type=float, default=0.05, show_default=True, help="Radius for SAM sharpness.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Power iterations.")
+@click.option("--trace-samples", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--landscape", type=click.Choice(["none", "1d", "2d"]), default="1d", show_default=True)
+@click.option("--out", "-o", default="sharpness.json", show_default=True, type=click.Path(dir_okay=False),
+              help="JSON results; plots are written beside it as PNG.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trace_samples, landscape, out, seed):
+    """Measure the sharpness of trained MODELS (folded first, so all share one architecture)."""
+    import torch
+
+    from .api import fold as do_fold
+    from .blocks import SNTBlock
+    from .data import load_data
+    from .io import atomic_write, check_output_path
+    from .serialization import load
+    from . import sharpness as sh
+
+    out_path = check_output_path(out, list(models))
+    data = load_data(data_name, data_dir=data_dir, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.train), generator=gen)[: batches * batch_size]
+    fixed = []
+    for chunk in idx.split(batch_size):
+        items = [_plain_item(data.train, int(i)) for i in chunk]
+        fixed.append((torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])))
+    results, curves1, curves2 = {}, {}, {}
+    for path in models:
+        gm = load(path)
+        if any(isinstance(m, SNTBlock) for m in gm.modules()):
+            gm = do_fold(gm, inplace=True)
+        name = Path(path).stem
+        with console.status(f"measuring {name} ..."):
+            results[name] = sh.measure(gm, fixed, rho=rho, iters=iters, trace_samples=trace_samples, seed=seed)
+            loss_fn = sh.batch_loss_fn(gm.eval(), fixed)
+            if landscape in ("1d", "2d"):
+                curves1[name] = sh.landscape(gm, loss_fn, dims=1, seed=seed)
+            if landscape == "2d":
+                curves2[name] = sh.landscape(gm, loss_fn, dims=2, steps=11, seed=seed)
+    table = Table(title=f"sharpness on {batches} x {batch_size} {data.info.name} training images (eval mode)")
+    for col in ("model", "loss", "top eigenvalue", "Hessian trace", f"SAM sharpness (rho={rho})"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in results.items():
+        table.add_row(name, f"{r['loss']:.4f}", f"{r['top_eigenvalue']:.3f}", f"{r['hessian_trace']:.2f}",
+                      f"{r['sam_sharpness']:.5f}")
+    console.print(table)
+    plots = []
+    if curves1:
+        p1 = out_path.with_name(out_path.stem + "_landscape_1d.png")
+        atomic_write(p1, lambda tmp: sh.plot_landscape(curves1, tmp))
+        plots.append(str(p1))
+    for name, c in curves2.items():
+        p2 = out_path.with_name(f"{out_path.stem}_landscape_2d_{name}.png")
+        atomic_write(p2, lambda tmp, c=c, name=name: sh.plot_landscape({name: c}, tmp))
+        plots.append(str(p2))
+    payload = {"data": data.info.to_dict(), "batches": batches, "batch_size": batch_size, "rho": rho,
+               "results": results, "landscape_1d": curves1, "landscape_2d": curves2, "plots": plots}
+    atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    console.print(f"wrote [bold]{out_path}[/]" + (f" and {', '.join(plots)}" if plots else ""))
+
+
+def _plain_item(dataset, i: int):
+    """A training sample without augmentation (sharpness is measured on fixed inputs)."""
+    train = getattr(dataset, "train", None)
+    if train is not None:
+        dataset.train = False
+        try:
+            return dataset[i]
+        finally:
+            dataset.train = train
+    return dataset[i]
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _json_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SntfxError(f"--kwargs must be a JSON object, e.g. '{{\"num_classes\": 10}}': {exc}") from exc
+    if not isinstance(value, dict):
+        raise SntfxError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    return value
 
 
 def _fmt_int(v: int | None) -> str:

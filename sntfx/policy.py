@@ -69,7 +69,8 @@ class Policy:
         types: layer kinds to consider, among ``conv1d``, ``conv2d``, ``linear``.
         include / exclude: module-path globs; a layer must match one include
             and no exclude.
-        min_params: skip layers with fewer weight elements than this.
+        min_params / max_params: expand only layers whose weight has at least /
+            at most this many elements (``max_params`` keeps a huge classifier plain).
         skip_first / skip_last: skip the first / last eligible layer in graph order.
         rules: per-layer overrides, first match wins.
     """
@@ -80,6 +81,7 @@ class Policy:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     min_params: int = 0
+    max_params: int | None = None
     skip_first: bool = False
     skip_last: bool = False
     rules: tuple[Rule, ...] = field(default_factory=tuple)
@@ -92,6 +94,8 @@ class Policy:
             raise PolicyError(f"unknown layer type(s) {bad} in policy 'types'; use {', '.join(LAYER_TYPES)}")
         if self.min_params < 0:
             raise PolicyError(f"min_params must be >= 0, got {self.min_params}")
+        if self.max_params is not None and self.max_params < self.min_params:
+            raise PolicyError(f"max_params ({self.max_params}) must be >= min_params ({self.min_params})")
         for r in self.rules:
             if r.style is not None:
                 _check_style(r.style, f"rule '{r.pattern}' style")
@@ -112,6 +116,8 @@ class Policy:
             return Decision(False, reason="last layer")
         if numel < self.min_params:
             return Decision(False, reason="below min_params")
+        if self.max_params is not None and numel > self.max_params:
+            return Decision(False, reason="above max_params")
         for rule in self.rules:
             if fnmatch.fnmatchcase(path, rule.pattern):
                 if rule.skip:

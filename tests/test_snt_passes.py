@@ -169,6 +169,11 @@ def test_policy_from_files(tmp_path):
     js = Policy.from_file(tmp_path / "p.json")
     d = js.decide("dw", "conv2d", 80, first=False, last=False)
     assert not d.expand and d.reason == "below min_params"
+    capped = Policy(max_params=1000)
+    assert capped.decide("fc", "linear", 5000, first=False, last=False).reason == "above max_params"
+    assert capped.decide("fc", "linear", 500, first=False, last=False).expand
+    with pytest.raises(sntfx.PolicyError, match="max_params"):
+        Policy(min_params=10, max_params=5)
     (tmp_path / "bad.json").write_text('{"stlye": "linear"}')
     with pytest.raises(sntfx.PolicyError, match="unknown policy key"):
         Policy.from_file(tmp_path / "bad.json")

@@ -1,0 +1,412 @@
+"""Training: Adam / SGD / SAM, for plain and SNT-expanded models, on one process or many.
+
+``Trainer(config).fit(model, data, out)`` trains, writes a checkpoint
+atomically every epoch (and every ``checkpoint_every`` steps), evaluates on
+the test set every epoch, and returns a :class:`TrainResult`. With
+``resume=True`` it continues from the checkpoint beside ``out``.
+
+Determinism. The data order of epoch ``e`` is a permutation seeded by
+``(seed, e)``; augmentation is seeded per sample; the global RNG is reseeded
+at every step from ``(seed, step, rank)``. A run killed at any point and
+resumed from its last checkpoint therefore ends with the same weights as an
+uninterrupted run (on the CPU with ``deterministic=True``).
+
+Distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+DistributedDataParallel (gloo on CPU, NCCL on GPU); every global batch of
+``batch_size`` samples is split evenly across ranks, so a run on N processes
+computes the same gradients as one process with the same global batch
+(BatchNorm batch statistics aside: they are per rank unless ``sync_bn``).
+Rank 0 alone logs, evaluates and writes files.
+
+SNT. LinearExpansion blocks train with the online fold by default: the block
+composes its effective kernel and runs one convolution per step (same
+outputs and gradients as the explicit chain, about a plain layer's cost).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .blocks import LinearExpansion, SNTBlock
+from .data import Data
+from .errors import SntfxError
+from .io import atomic_write
+from .sam import SAM
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainCallback", "evaluate", "checkpoint_path", "metrics_path"]
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adam", "sgd", "sam")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored with the result)."""
+
+    epochs: int = 10
+    batch_size: int = 128  # global batch, split across ranks
+    optimizer: str = "adam"  # adam | sgd | sam
+    sam_base: str = "adam"  # the optimizer SAM wraps: adam | sgd
+    lr: float | None = None  # default: 1e-3 for adam, 0.1 for sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    rho: float = 0.05
+    adaptive: bool = False
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of training, for schedule=step
+    label_smoothing: float = 0.0
+    seed: int = 0
+    amp: bool = False  # bf16 autocast
+    online_fold: bool = True
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    limit_batches: int | None = None  # per epoch, for quick runs
+    eval_batches: int | None = None
+    deterministic: bool = False
+    sync_bn: bool = False
+    num_workers: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise SntfxError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.sam_base not in ("adam", "sgd"):
+            raise SntfxError(f"SAM wraps adam or sgd, not '{self.sam_base}'")
+        if self.schedule not in SCHEDULES:
+            raise SntfxError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise SntfxError("epochs and batch size must be at least 1")
+        if self.lr is not None and not self.lr > 0:
+            raise SntfxError(f"learning rate must be positive, got {self.lr}")
+        self.step_milestones = tuple(self.step_milestones)
+
+    @property
+    def base_optimizer(self) -> str:
+        return self.sam_base if self.optimizer == "sam" else self.optimizer
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-3 if self.base_optimizer == "adam" else 0.1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["step_milestones"] = list(self.step_milestones)
+        d["lr"] = self.learning_rate
+        return d
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+class TrainCallback(Protocol):
+    """Progress hooks; the CLI draws its progress bar with them."""
+
+    def on_epoch_start(self, epoch: int, steps: int) -> None: ...
+
+    def on_step(self, epoch: int, step: int, loss: float, samples_per_s: float) -> None: ...
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None: ...
+
+
+class _Silent:
+    def on_epoch_start(self, epoch, steps):
+        pass
+
+    def on_step(self, epoch, step, loss, samples_per_s):
+        pass
+
+    def on_epoch_end(self, record):
+        pass
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".ckpt")
+
+
+def metrics_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".metrics.jsonl")
+
+
+class _EpochSampler(Sampler):
+    """This rank's share of each global batch of a seeded per-epoch permutation."""
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int, world: int, limit: int | None):
+        if global_batch % world:
+            raise SntfxError(f"batch size {global_batch} is not divisible by the {world} processes")
+        self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
+        self.steps = n // global_batch if n >= global_batch else 1
+        if limit:
+            self.steps = min(self.steps, limit)
+        self.epoch, self.start = 0, 0
+
+    def set(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))
+        local = self.global_batch // self.world
+        for step in range(self.start, self.steps):
+            batch = perm[step * self.global_batch:(step + 1) * self.global_batch]
+            yield batch[self.rank * local:(self.rank + 1) * local].tolist()
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+
+def _mix(*values: int) -> int:
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFF_FFFF_FFFF_FFFF
+    return h
+
+
+def _dist_info() -> tuple[int, int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def init_distributed(device: str) -> bool:
+    """Initialise the process group when launched by torchrun; True if distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return dist.is_available() and dist.is_initialized()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def set_online_fold(model: nn.Module, online: bool) -> int:
+    """Switch every LinearExpansion block to (or from) the online fold; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, LinearExpansion):
+            m.online = online
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data_loader, device, *, limit: int | None = None, amp: bool = False) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy over a loader (eval mode)."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(data_loader):
+        if limit is not None and i >= limit:
+            break
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        out = out.float()
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        total += y.numel()
+    model.train(was)
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
+
+
+class Trainer:
+    """Train a model on a dataset; see the module docstring for the guarantees."""
+
+    def __init__(self, config: TrainConfig, callback: TrainCallback | None = None):
+        self.config = config
+        self.callback = callback or _Silent()
+
+    # -- pieces ----------------------------------------------------------------
+    def _optimizer(self, model: nn.Module):
+        c = self.config
+        params = [p for p in model.parameters() if p.requires_grad]
+        if c.base_optimizer == "adam":
+            base = torch.optim.Adam(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        else:
+            base = torch.optim.SGD(params, lr=c.learning_rate, momentum=c.momentum, weight_decay=c.weight_decay,
+                                   nesterov=c.momentum > 0)
+        if c.optimizer == "sam":
+            return SAM(params, base, rho=c.rho, adaptive=c.adaptive)
+        return base
+
+    def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
+        c = self.config
+        warm = c.warmup_epochs * steps_per_epoch
+        if warm and step < warm:
+            return c.learning_rate * (step + 1) / warm
+        if c.schedule == "constant":
+            return c.learning_rate
+        progress = (step - warm) / max(total - warm, 1)
+        if c.schedule == "cosine":
+            return c.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return c.learning_rate * 0.1 ** sum(progress >= m for m in c.step_milestones)
+
+    # -- the loop ----------------------------------------------------------------
+    def fit(self, model: nn.Module, data: Data, out: str | Path, *, resume: bool = False) -> TrainResult:
+        c = self.config
+        device = resolve_device(c.device)
+        distributed = init_distributed(str(device))
+        rank, world, _ = _dist_info()
+        if c.deterministic:
+            torch.use_deterministic_algorithms(True)
+        online = set_online_fold(model, c.online_fold)
+        if online:
+            log.info("%d LinearExpansion blocks train with the online fold: %s", online, c.online_fold)
+        if c.sync_bn and distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(device)
+        torch.manual_seed(c.seed)
+        sampler = _EpochSampler(len(data.train), c.batch_size, c.seed, rank, world, c.limit_batches)
+        loader = DataLoader(data.train, batch_sampler=sampler, num_workers=c.num_workers)
+        test_loader = DataLoader(data.test, batch_size=max(c.batch_size // world, 1), shuffle=False,
+                                 num_workers=c.num_workers)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if distributed else model
+        opt = self._optimizer(model)
+        criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
+        result = TrainResult()
+        start_epoch, start_step = 0, 0
+        ckpt = checkpoint_path(out)
+        if resume and ckpt.exists():
+            state = _load_checkpoint(ckpt)
+            if state["config"] != _comparable(c):
+                raise SntfxError(f"checkpoint '{ckpt}' was written with a different configuration; remove it or "
+                                 "train without --resume")
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start_epoch, start_step = state["epoch"], state["step_in_epoch"]
+            result.history = state["history"]
+            result.seconds = state["seconds"]
+            log.info("resuming from %s at epoch %d, step %d", ckpt, start_epoch + 1, start_step)
+        elif ckpt.exists() and rank == 0:
+            log.warning("ignoring existing checkpoint %s (pass --resume to continue it)", ckpt)
+
+        steps_per_epoch, total = sampler.steps, sampler.steps * c.epochs
+        for epoch in range(start_epoch, c.epochs):
+            if hasattr(data.train, "set_epoch"):
+                data.train.set_epoch(epoch)
+            sampler.set(epoch, start_step)
+            ddp.train()
+            self.callback.on_epoch_start(epoch, steps_per_epoch)
+            t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+            step = start_step
+            for x, y in loader:
+                global_step = epoch * steps_per_epoch + step
+                torch.manual_seed(_mix(c.seed, global_step, rank))
+                for group in opt.param_groups:
+                    group["lr"] = self.lr_at(global_step, total, steps_per_epoch)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = None
+
+                def loss_fn():
+                    nonlocal logits
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.amp):
+                        out_ = ddp(x)
+                    if logits is None:
+                        logits = out_.detach()
+                    return criterion(out_.float(), y)
+
+                if isinstance(opt, SAM):
+                    loss = opt.step(ddp, loss_fn)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn()
+                    loss.backward()
+                    opt.step()
+                if not torch.isfinite(loss):
+                    raise SntfxError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); "
+                                     "lower the learning rate")
+                step += 1
+                seen += y.numel()
+                loss_sum += loss.item() * y.numel()
+                correct += (logits.float().argmax(1) == y).sum().item()
+                elapsed = time.perf_counter() - t0
+                self.callback.on_step(epoch, step, loss.item(), seen * world / max(elapsed, 1e-9))
+                if c.checkpoint_every and step % c.checkpoint_every == 0 and step < steps_per_epoch:
+                    self._checkpoint(ckpt, model, opt, epoch, step, result, rank)
+            start_step = 0
+            epoch_seconds = time.perf_counter() - t0
+            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                      "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds,
+                      "samples_per_s": seen * world / max(epoch_seconds, 1e-9)}
+            if rank == 0:
+                ev = evaluate(model, test_loader, device, limit=c.eval_batches, amp=c.amp)
+                record.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+            result.history.append(record)
+            result.seconds += epoch_seconds
+            self.callback.on_epoch_end(record)
+            self._checkpoint(ckpt, model, opt, epoch + 1, 0, result, rank)
+            if rank == 0:
+                _write_metrics(metrics_path(out), result.history)
+        if distributed:
+            dist.barrier()
+        return result
+
+    def _checkpoint(self, path: Path, model, opt, epoch: int, step: int, result: TrainResult, rank: int) -> None:
+        if rank != 0:
+            return
+        state = {
+            "format": "sntfx-checkpoint",
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "step_in_epoch": step,
+            "history": json.dumps(result.history),
+            "seconds": result.seconds,
+            "config": json.dumps(_comparable(self.config), sort_keys=True),
+        }
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def _comparable(c: TrainConfig) -> dict:
+    """The settings a resumed run must share with the checkpoint."""
+    d = c.to_dict()
+    for key in ("num_workers", "device", "checkpoint_every"):
+        d.pop(key)
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise SntfxError(f"cannot read checkpoint '{path}' ({type(exc).__name__}); remove it to start over") from exc
+    if not isinstance(state, dict) or state.get("format") != "sntfx-checkpoint":
+        raise SntfxError(f"'{path}' is not an sntfx training checkpoint")
+    state["history"] = json.loads(state["history"])
+    state["config"] = json.loads(state["config"])
+    return state
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in history)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
