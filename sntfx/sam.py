@@ -42,7 +42,7 @@ class SAM:
             raise ValueError(f"SAM rho must be >= 0, got {rho}")
         self.params = [p for p in params if p.requires_grad]
         self.base, self.rho, self.adaptive = base, rho, adaptive
-        self._perturbation: list[torch.Tensor | None] = []
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
     def param_groups(self):
@@ -59,27 +59,25 @@ class SAM:
 
     @torch.no_grad()
     def perturb(self) -> None:
-        """Move to ``w + e`` using the current gradients."""
-        grads = [p.grad if p.grad is not None else None for p in self.params]
-        scaled = [(p.abs() * g if self.adaptive else g) for p, g in zip(self.params, grads) if g is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s.float()) for s in scaled])) if scaled else 0.0
+        """Move to ``w + e`` using the current gradients (``w`` is kept for :meth:`restore`)."""
+        pairs = [(p, p.grad) for p in self.params if p.grad is not None]
+        if not pairs:
+            self._saved = []
+            return
+        scaled = [(p.abs() * g if self.adaptive else g).float() for p, g in pairs]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
         scale = self.rho / (norm + 1e-12)
-        self._perturbation = []
-        for p, g in zip(self.params, grads):
-            if g is None:
-                self._perturbation.append(None)
-                continue
+        self._saved = [(p, p.detach().clone()) for p, _ in pairs]
+        for p, g in pairs:
             e = (p.square() * g if self.adaptive else g) * scale
             p.add_(e.to(p.dtype))
-            self._perturbation.append(e)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Back to ``w``."""
-        for p, e in zip(self.params, self._perturbation):
-            if e is not None:
-                p.sub_(e.to(p.dtype))
-        self._perturbation = []
+        """Back to exactly ``w``."""
+        for p, w in self._saved:
+            p.copy_(w)
+        self._saved = []
 
     def step(self, model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One SAM step. ``loss_fn`` runs the forward pass and returns the loss.

@@ -52,25 +52,18 @@ log = logging.getLogger(__name__)
 MAX_RETRIES = 64
 
 
-def _default_leaf_types() -> tuple[type, ...]:
-    """Modules whose training-time behaviour would be lost if traced through."""
-    types: list[type] = []
-    try:
-        from torchvision.ops import StochasticDepth
-
-        types.append(StochasticDepth)
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    try:
-        from timm.layers import DropPath
-
-        types.append(DropPath)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return tuple(types)
+# Modules whose training-time behaviour would be lost if traced through (they
+# branch on ``self.training`` inside a function). Matched by class name, so
+# that importing sntfx does not import torchvision or timm.
+DEFAULT_LEAF_TYPES = frozenset({
+    ("torchvision.ops.stochastic_depth", "StochasticDepth"),
+    ("timm.layers.drop", "DropPath"),
+    ("timm.models.layers.drop", "DropPath"),
+})
 
 
-DEFAULT_LEAF_TYPES = _default_leaf_types()
+def _is_default_leaf(m: nn.Module) -> bool:
+    return any((cls.__module__, cls.__qualname__) in DEFAULT_LEAF_TYPES for cls in type(m).__mro__)
 
 
 class _RetryTracer(fx.Tracer):
@@ -84,7 +77,7 @@ class _RetryTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.opaque:
             return True
-        if DEFAULT_LEAF_TYPES and isinstance(m, DEFAULT_LEAF_TYPES):
+        if _is_default_leaf(m):
             return True
         if isinstance(m, SNTBlock) or is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
             return True  # user subclasses that keep the layer's forward stay layers
