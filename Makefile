@@ -18,7 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out demo-results
 
-## Unit and integration tests (about 10 minutes on 2 cores).
+## Unit and integration tests (a few minutes on 2 cores).
 test: $(STAMP)
 	$(PYTEST) -m "not slow" -q
 
@@ -26,8 +26,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTEST) -m slow -q
 
+## Measurements (ratios within one run); results in bench-results/.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_transform.py
+	$(BIN)/python benchmarks/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) demo-results bench-results .pytest_cache

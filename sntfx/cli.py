@@ -298,19 +298,14 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
 
     from .api import fold as do_fold
     from .blocks import SNTBlock
-    from .data import load_data
+    from . import sharpness as sh
+    from .data import fixed_batches, load_data
     from .io import atomic_write, check_output_path
     from .serialization import load
-    from . import sharpness as sh
 
     out_path = check_output_path(out, list(models))
     data = load_data(data_name, data_dir=data_dir, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.train), generator=gen)[: batches * batch_size]
-    fixed = []
-    for chunk in idx.split(batch_size):
-        items = [_plain_item(data.train, int(i)) for i in chunk]
-        fixed.append((torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])))
+    fixed = fixed_batches(data.train, batches=batches, batch_size=batch_size, seed=seed)
     results, curves1, curves2 = {}, {}, {}
     for path in models:
         gm = load(path)
@@ -344,18 +339,6 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
                "results": results, "landscape_1d": curves1, "landscape_2d": curves2, "plots": plots}
     atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     console.print(f"wrote [bold]{out_path}[/]" + (f" and {', '.join(plots)}" if plots else ""))
-
-
-def _plain_item(dataset, i: int):
-    """A training sample without augmentation (sharpness is measured on fixed inputs)."""
-    train = getattr(dataset, "train", None)
-    if train is not None:
-        dataset.train = False
-        try:
-            return dataset[i]
-        finally:
-            dataset.train = train
-    return dataset[i]
 
 
 def torch_seed(seed: int) -> None:

@@ -43,7 +43,16 @@ from torch.utils.data import Dataset
 
 from .errors import SntfxError
 
-__all__ = ["DatasetInfo", "Data", "ImageTensorDataset", "load_data", "DATASETS", "DataError", "FASHION_MNIST_DIRS"]
+__all__ = [
+    "DatasetInfo",
+    "Data",
+    "ImageTensorDataset",
+    "load_data",
+    "fixed_batches",
+    "DATASETS",
+    "DataError",
+    "FASHION_MNIST_DIRS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +130,23 @@ class Data:
     info: DatasetInfo
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fixed_batches(dataset: Dataset, *, batches: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Seeded random batches without augmentation (for sharpness and calibration)."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: batches * batch_size]
+    augment = getattr(dataset, "train", None)
+    if augment is not None:
+        dataset.train = False
+    try:
+        out = []
+        for chunk in idx.split(batch_size):
+            items = [dataset[int(i)] for i in chunk]
+            out.append((torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])))
+        return out
+    finally:
+        if augment is not None:
+            dataset.train = augment
 
 
 # -- loaders -------------------------------------------------------------------

@@ -26,6 +26,14 @@ def test_example_scripts(script):
     assert res.returncode == 0, res.stderr
 
 
+def test_demo_runs(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--epochs", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "fold verified" in res.stdout
+    assert (tmp_path / "snt_folded.pt").exists() and (tmp_path / "adam.pt").exists()
+
+
 def test_example_model_and_policy_with_the_cli(tmp_path):
     out = tmp_path / "snt.pt"
     res = subprocess.run(
