@@ -1,0 +1,217 @@
+"""Export a (folded) model to ONNX, verified against torch on ONNX Runtime.
+
+``export_onnx(model, path, example_inputs)``:
+
+1. refuses a model that still holds SNT blocks unless ``allow_expanded``
+   (deploying the expanded model defeats the purpose: fold it first);
+2. exports with the ``torch.export``-based exporter (``dynamo=True``), falling
+   back to the TorchScript exporter when that fails, and says which one ran;
+3. writes one self-contained file below 2 GB and external data above;
+4. runs ``onnx.checker`` and shape inference;
+5. optionally simplifies the graph with onnxscript's optimizer;
+6. runs the file on ONNX Runtime (CPU) and compares with torch on the
+   verification inputs: max absolute and relative error and top-1 agreement.
+   A model beyond tolerance is reported as failed and no file is written.
+
+Everything is written to a temporary file first and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sntfx.blocks import SNTBlock
+from sntfx.errors import SntfxError
+
+__all__ = ["ExportError", "ExportReport", "export_onnx", "verify_onnx", "compare_arrays"]
+
+log = logging.getLogger(__name__)
+
+TWO_GB = 2 * 1024**3
+
+
+class ExportError(SntfxError):
+    """Export failed, or the exported model disagrees with torch."""
+
+
+@dataclass
+class ExportReport:
+    path: str
+    exporter: str  # "torch.export (dynamo)" | "torchscript"
+    opset: int
+    dynamic_batch: bool
+    external_data: bool
+    simplified: bool
+    size_bytes: int
+    seconds: float
+    verification: dict[str, Any] = field(default_factory=dict)
+    fallback_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_arrays(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Max absolute error, norm-wise relative error and (for logits) top-1 agreement."""
+    ref, out = np.asarray(reference, dtype=np.float64), np.asarray(got, dtype=np.float64)
+    if ref.shape != out.shape:
+        return {"max_abs": float("inf"), "rel": float("inf"), "top1_agreement": 0.0}
+    diff = np.abs(ref - out)
+    denom = np.linalg.norm(ref)
+    result = {"max_abs": float(diff.max()) if diff.size else 0.0,
+              "rel": float(np.linalg.norm(ref - out) / denom) if denom > 0 else float(np.linalg.norm(ref - out))}
+    if ref.ndim == 2 and ref.shape[1] > 1:
+        result["top1_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
+    return result
+
+
+def _session(path: str | Path, providers=("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+
+
+def verify_onnx(path: str | Path, model: nn.Module, inputs: tuple[torch.Tensor, ...], *, rtol: float = 1e-4,
+                min_top1: float = 1.0) -> dict[str, Any]:
+    """Run ``path`` on ONNX Runtime and compare with ``model`` (eval mode) on ``inputs``."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        ref = model(*inputs)
+    model.train(was)
+    refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    sess = _session(path)
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
+    outs = sess.run(None, feeds)
+    if len(outs) != len(refs):
+        return {"ok": False, "reason": f"ONNX model has {len(outs)} outputs, torch {len(refs)}"}
+    worst: dict[str, Any] = {"max_abs": 0.0, "rel": 0.0}
+    for r, o in zip(refs, outs):
+        c = compare_arrays(r.detach().cpu().numpy(), o)
+        worst["max_abs"] = max(worst["max_abs"], c["max_abs"])
+        worst["rel"] = max(worst["rel"], c["rel"])
+        if "top1_agreement" in c:
+            worst["top1_agreement"] = min(worst.get("top1_agreement", 1.0), c["top1_agreement"])
+    worst["samples"] = int(inputs[0].shape[0])
+    worst["rtol"] = rtol
+    worst["ok"] = worst["rel"] <= rtol and worst.get("top1_agreement", 1.0) >= min_top1
+    if not worst["ok"]:
+        worst["reason"] = (f"relative error {worst['rel']:.3g} (tolerance {rtol:g}), top-1 agreement "
+                           f"{worst.get('top1_agreement', 1.0):.2%} (needed {min_top1:.0%})")
+    return worst
+
+
+def _export(model, inputs, path: Path, opset: int, dynamic_batch: bool) -> tuple[str, str]:
+    """Export to ``path`` (may write external data beside it); returns (exporter, fallback reason)."""
+    dyn_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1, max=1 << 16)
+        dyn_shapes = tuple({0: batch} for _ in inputs)
+    try:
+        program = torch.onnx.export(model, inputs, dynamo=True, opset_version=opset, dynamic_shapes=dyn_shapes,
+                                    verbose=False, report=False)
+        program.save(str(path), external_data=_needs_external(model))
+        return "torch.export (dynamo)", ""
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to the TorchScript exporter
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        log.warning("torch.export-based ONNX export failed (%s); falling back to the TorchScript exporter", reason)
+    names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
+    axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
+    if axes is not None:
+        axes["output"] = {0: "batch"}
+    try:
+        torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names,
+                          output_names=["output"], dynamic_axes=axes)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(
+            f"both ONNX exporters failed. torch.export: {reason}. TorchScript: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}. Replace the unsupported "
+            "operation, or keep it out of the exported part of the model."
+        ) from exc
+    return "torchscript", reason
+
+
+def _needs_external(model: nn.Module) -> bool:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) > TWO_GB * 0.95
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    *,
+    opset: int = 18,
+    dynamic_batch: bool = False,
+    allow_expanded: bool = False,
+    simplify: bool = False,
+    verify_inputs: tuple[torch.Tensor, ...] | None = None,
+    rtol: float = 1e-4,
+    min_top1: float = 1.0,
+) -> ExportReport:
+    """Export ``model`` to ``path`` and verify it; see the module docstring.
+
+    Example::
+
+        report = export_onnx(sntfx.load("folded.pt"), "model.onnx", torch.randn(1, 3, 32, 32), dynamic_batch=True)
+    """
+    import onnx
+
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not allow_expanded and any(isinstance(m, SNTBlock) for m in model.modules()):
+        raise ExportError(
+            "the model still holds SNT blocks (its expanded training form); deploying it defeats the purpose. "
+            "Fold it first (`sntfx fold` / sntfx.fold), or pass --allow-expanded to export it anyway."
+        )
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder '{path.parent}' does not exist")
+    model = model.eval()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sntfx-export-") as tmp:
+        tmp_path = Path(tmp) / path.name
+        exporter, fallback = _export(model, inputs, tmp_path, opset, dynamic_batch)
+        simplified = False
+        if simplify:
+            simplified = _simplify(tmp_path)
+        try:
+            onnx.checker.check_model(str(tmp_path), full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
+        vin = verify_inputs if verify_inputs is not None else inputs
+        vin = (vin,) if isinstance(vin, torch.Tensor) else tuple(vin)
+        if not dynamic_batch and vin[0].shape[0] != inputs[0].shape[0]:
+            vin = tuple(t[: inputs[0].shape[0]] for t in vin)
+        verification = verify_onnx(tmp_path, model, vin, rtol=rtol, min_top1=min_top1)
+        if not verification["ok"]:
+            raise ExportError(f"the ONNX model disagrees with torch: {verification.get('reason')}; nothing was written")
+        external = any(p.name != path.name for p in Path(tmp).iterdir())
+        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+        for p in Path(tmp).iterdir():
+            os.replace(p, path.parent / p.name)
+    return ExportReport(str(path), exporter, opset, dynamic_batch, external, simplified, size,
+                        time.perf_counter() - start, verification, fallback)
+
+
+def _simplify(path: Path) -> bool:
+    """onnxscript's optimizer (constant folding, dead code removal); False if unavailable."""
+    try:
+        import onnx
+        import onnxscript.optimizer
+    except ImportError:  # pragma: no cover - onnxscript is a dependency
+        return False
+    model = onnx.load(str(path))
+    optimized = onnxscript.optimizer.optimize(model)
+    onnx.save(optimized, str(path))
+    return True

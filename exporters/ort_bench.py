@@ -1,0 +1,206 @@
+"""Benchmark ONNX models on ONNX Runtime: latency, throughput, accuracy, size, and where nodes ran.
+
+``bench_onnx(path, provider="auto", batch_sizes=(1, 8, 32))`` creates a session
+with the requested execution provider (TensorRT, CUDA or CPU; ``auto`` takes
+the best available), warms up, then times ``iters`` runs per batch size and
+reports p50/p90/p99 latency and throughput (I/O binding on CUDA). It reports
+the provider that actually ran the session and, from ONNX Runtime's profiler,
+how many nodes each provider executed: asking for a GPU provider and getting
+the CPU (whole session or some nodes, e.g. int8 convolutions, which have no
+CUDA kernels) is flagged with ``fallback`` and a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BenchResult", "bench_onnx", "resolve_providers", "PROVIDERS", "onnx_accuracy"]
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+@dataclass
+class BenchResult:
+    path: str
+    requested: str
+    provider: str  # the provider that ran the session (first in the session's list)
+    session_providers: list[str]
+    node_providers: dict[str, int]  # nodes executed per provider (from the profiler)
+    fallback: bool
+    warnings: list[str]
+    size_bytes: int
+    latency: dict[str, dict[str, float]] = field(default_factory=dict)  # batch -> p50/p90/p99 ms, throughput
+    accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """Provider list for a session: the requested one first, the CPU as the last resort."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider == "auto":
+        chosen = [p for p in (PROVIDERS["tensorrt"], PROVIDERS["cuda"]) if p in available]
+    elif provider in PROVIDERS:
+        chosen = [PROVIDERS[provider]] if provider != "cpu" else []
+    else:
+        raise ValueError(f"unknown provider '{provider}'; use auto, tensorrt, cuda or cpu")
+    return chosen + [PROVIDERS["cpu"]]
+
+
+def _session(path, providers, profile_prefix: str | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def _input_shape(meta, batch: int) -> list[int]:
+    return [batch if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) else 1)
+            for i, d in enumerate(meta.shape)]
+
+
+def _fixed_batch(meta) -> int | None:
+    return meta.shape[0] if meta.shape and isinstance(meta.shape[0], int) else None
+
+
+def _node_providers(path, providers, feeds) -> dict[str, int]:
+    """Run once with profiling on and count executed nodes per provider."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = _session(path, providers, profile_prefix=str(Path(tmp) / "prof"))
+        sess.run(None, feeds)
+        trace = sess.end_profiling()
+        events = json.loads(Path(trace).read_text())
+    counts: Counter = Counter()
+    seen = set()
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") == "Node" and "provider" in args and ev.get("name") not in seen:
+            seen.add(ev.get("name"))
+            counts[args["provider"]] += 1
+    return dict(counts)
+
+
+def bench_onnx(path: str | Path, *, provider: str = "auto", batch_sizes=(1, 8, 32), warmup: int = 10,
+               iters: int = 50, seed: int = 0) -> BenchResult:
+    """Latency per batch size on the requested provider; see the module docstring."""
+    path = Path(path)
+    requested = resolve_providers(provider)
+    warnings: list[str] = []
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    for p in requested[:-1]:
+        if p not in available:
+            warnings.append(f"{p} is not available in this ONNX Runtime build ({', '.join(available)})")
+    sess = _session(path, requested)
+    actual = sess.get_providers()
+    inp = sess.get_inputs()[0]
+    rng = np.random.default_rng(seed)
+    fixed = _fixed_batch(inp)
+    sizes = list(batch_sizes)
+    if fixed is not None and any(b != fixed for b in sizes):
+        warnings.append(f"the model has a fixed batch size of {fixed}; export with --dynamic-batch to vary it")
+        sizes = [fixed]
+    probe = {inp.name: rng.standard_normal(_input_shape(inp, sizes[0])).astype(np.float32)}
+    nodes = _node_providers(path, requested, probe)
+    wanted_gpu = [p for p in requested if p != PROVIDERS["cpu"]]
+    fallback = False
+    if wanted_gpu and actual[0] == PROVIDERS["cpu"]:
+        fallback = True
+        warnings.append(f"asked for {wanted_gpu[0]} but ONNX Runtime runs the whole session on the CPU")
+    elif wanted_gpu and nodes.get(PROVIDERS["cpu"], 0):
+        fallback = True
+        warnings.append(f"{nodes[PROVIDERS['cpu']]} of {sum(nodes.values())} nodes fell back to the CPU "
+                        "(e.g. int8 convolutions have no CUDA kernels)")
+    for w in warnings:
+        log.warning("%s: %s", path.name, w)
+    result = BenchResult(str(path), provider, actual[0], actual, nodes, fallback, warnings, _size(path))
+    use_binding = actual[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
+    for b in sizes:
+        x = rng.standard_normal(_input_shape(inp, b)).astype(np.float32)
+        run = _runner(sess, inp.name, x, use_binding)
+        for _ in range(warmup):
+            run()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1000)
+        p50 = statistics.median(times)
+        q = np.percentile(times, [90, 99])
+        result.latency[str(b)] = {"p50_ms": p50, "p90_ms": float(q[0]), "p99_ms": float(q[1]),
+                                  "throughput_per_s": b / (p50 / 1000)}
+    return result
+
+
+def _runner(sess, name, x, use_binding):
+    if not use_binding:
+        return lambda: sess.run(None, {name: x})
+    import onnxruntime as ort
+
+    binding = sess.io_binding()
+    x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    binding.bind_ortvalue_input(name, x_dev)
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+
+    def run():
+        sess.run_with_iobinding(binding)
+
+    return run
+
+
+def _size(path: Path) -> int:
+    """Bytes of the model file plus any external-data files beside it that it references."""
+    import onnx
+
+    total = path.stat().st_size
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        names = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        total += sum((path.parent / n).stat().st_size for n in names if (path.parent / n).exists())
+    except Exception:  # noqa: BLE001 - size is informative only
+        pass
+    return total
+
+
+def onnx_accuracy(path: str | Path, dataset, *, provider: str = "cpu", batch_size: int = 64,
+                  limit: int | None = None) -> float:
+    """Top-1 accuracy of an ONNX classifier on a dataset of (image, label) pairs."""
+    sess = _session(path, resolve_providers(provider))
+    inp = sess.get_inputs()[0]
+    fixed = _fixed_batch(inp)
+    bs = fixed or batch_size
+    correct = total = 0
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    for start in range(0, n - (n % bs if fixed else 0), bs):
+        items = [dataset[i] for i in range(start, min(start + bs, n))]
+        x = np.stack([np.asarray(it[0], dtype=np.float32) for it in items])
+        y = np.array([int(it[1]) for it in items])
+        out = sess.run(None, {inp.name: x})[0]
+        correct += int((out.argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
