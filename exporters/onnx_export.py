@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,7 @@ def _export(model, inputs, path: Path, opset: int, dynamic_batch: bool) -> tuple
         program.save(str(path), external_data=_needs_external(model))
         return "torch.export (dynamo)", ""
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the TorchScript exporter
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        reason = _reason(exc)
         log.warning("torch.export-based ONNX export failed (%s); falling back to the TorchScript exporter", reason)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
     axes = {n: {0: "batch"} for n in names} if dynamic_batch else None
@@ -136,11 +137,20 @@ def _export(model, inputs, path: Path, opset: int, dynamic_batch: bool) -> tuple
                           output_names=["output"], dynamic_axes=axes)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(
-            f"both ONNX exporters failed. torch.export: {reason}. TorchScript: {type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}. Replace the unsupported "
-            "operation, or keep it out of the exported part of the model."
+            f"both ONNX exporters failed. torch.export: {reason}. TorchScript: {_reason(exc)}. Replace the "
+            "unsupported operation, or keep it out of the exported part of the model."
         ) from exc
     return "torchscript", reason
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _reason(exc: BaseException) -> str:
+    """The most telling line of an exporter's error (unsupported op first), without colour codes."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    telling = next((ln for ln in lines if "unsupported" in ln.lower() or "aten::" in ln or "aten." in ln), None)
+    return f"{type(exc).__name__}: {(telling or (lines[0] if lines else ''))[:300]}"
 
 
 def _needs_external(model: nn.Module) -> bool:

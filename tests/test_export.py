@@ -1,0 +1,161 @@
+"""ONNX export and ONNX Runtime: verification, dynamic batch, int8 QDQ, errors, provider fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+import sntfx
+from sntfx.calibration import CalibrationReader
+from sntfx.cli import cli
+from sntfx.data import load_data
+from sntfx.exporters import ExportError, bench_onnx, export_onnx, onnx_accuracy, quantize_int8, verify_onnx
+from sntfx.graph_utils import randomize_
+from sntfx.train import TrainConfig, Trainer
+
+
+def _folded(model, x, style):
+    gm = sntfx.trace(model.eval(), x)
+    snt = sntfx.transform(gm, x, style=style, ratio=2)
+    randomize_(snt, 1)
+    return sntfx.fold(snt, x, inplace=True).eval()
+
+
+@pytest.mark.parametrize("name,style", [("resnet18", "branch"), ("mobilenet_v3_small", "qa-branch"),
+                                        ("efficientnet_b0", "linear"), ("squeezenet1_1", "branch")])
+def test_export_and_verify_folded_torchvision_models(tmp_path, name, style):
+    x = torch.randn(1, 3, 64, 64)
+    folded = _folded(torchvision.models.get_model(name, weights=None), x, style)
+    report = export_onnx(folded, tmp_path / "m.onnx", x, dynamic_batch=True, verify_inputs=torch.randn(4, 3, 64, 64))
+    assert report.exporter == "torch.export (dynamo)"
+    assert report.verification["ok"] and report.verification["rel"] <= 1e-4
+    assert report.verification["top1_agreement"] == 1.0
+
+
+def test_dynamic_batch(tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    folded = _folded(sntfx.build_model("sntfx:resnet20"), x, "linear")
+    export_onnx(folded, tmp_path / "d.onnx", x, dynamic_batch=True)
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 7):
+        xb = torch.randn(b, 3, 32, 32)
+        out = sess.run(None, {sess.get_inputs()[0].name: xb.numpy()})[0]
+        with torch.no_grad():
+            assert np.allclose(out, folded(xb).numpy(), rtol=1e-4, atol=1e-5)
+    fixed = export_onnx(folded, tmp_path / "f.onnx", x)
+    assert not fixed.dynamic_batch
+    assert ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).get_inputs()[0].shape[0] == 1
+
+
+def test_refuses_expanded_models(tmp_path):
+    x = torch.randn(1, 1, 8, 8)
+    snt = sntfx.transform("sntfx:cnn", x)
+    with pytest.raises(ExportError, match="still holds SNT blocks.*--allow-expanded"):
+        export_onnx(snt, tmp_path / "e.onnx", x)
+    assert not (tmp_path / "e.onnx").exists()
+    assert export_onnx(snt, tmp_path / "e.onnx", x, allow_expanded=True).verification["ok"]
+
+
+class _Unsupported(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.svdvals(x)
+
+
+class _Random(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+def test_unsupported_op_gets_a_clear_error(tmp_path):
+    with pytest.raises(ExportError, match=r"both ONNX exporters failed.*svdvals"):
+        export_onnx(_Unsupported(), tmp_path / "u.onnx", torch.randn(2, 3, 3))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_disagreeing_export_is_failed_and_not_written(tmp_path):
+    with pytest.raises(ExportError, match="disagrees with torch.*nothing was written"):
+        export_onnx(_Random(), tmp_path / "r.onnx", torch.randn(2, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simplify_keeps_the_model_verified(tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    folded = _folded(sntfx.build_model("sntfx:resnet20"), x, "branch")
+    report = export_onnx(folded, tmp_path / "s.onnx", x, simplify=True)
+    assert report.simplified and report.verification["ok"]
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    torch.manual_seed(0)
+    data = load_data("digits")
+    x = torch.zeros(2, 1, 8, 8)
+    snt = sntfx.transform("sntfx:cnn", x, style="linear", ratio=2)
+    Trainer(TrainConfig(epochs=8, batch_size=64, lr=3e-3)).fit(snt, data, tmp_path_factory.mktemp("t") / "m.pt")
+    return sntfx.fold(snt, x).eval(), data
+
+
+def test_int8_qdq_keeps_top1_agreement_on_real_data(tmp_path, trained_digits):
+    folded, data = trained_digits
+    x = torch.zeros(1, 1, 8, 8)
+    export_onnx(folded, tmp_path / "f.onnx", x, dynamic_batch=True)
+    reader = CalibrationReader(data.train, "x", batches=16)
+    assert len(reader) == 16
+    quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", reader)
+    xs = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    check = verify_onnx(tmp_path / "q.onnx", folded, (xs,), rtol=float("inf"), min_top1=0.98)
+    assert check["ok"] and check["top1_agreement"] >= 0.98, check
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    acc_float, acc_int8 = onnx_accuracy(tmp_path / "f.onnx", data.test), onnx_accuracy(tmp_path / "q.onnx", data.test)
+    assert acc_float > 0.9 and abs(acc_float - acc_int8) <= 0.02
+
+
+def test_cli_export_int8_and_bench(tmp_path, trained_digits):
+    folded, _ = trained_digits
+    sntfx.save(folded, tmp_path / "f.pt", source=sntfx.ModelSpec.parse("sntfx:cnn"))
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export", str(tmp_path / "f.pt"), "--onnx", str(tmp_path / "m.onnx"), "--data", "digits",
+                              "--dynamic-batch", "--int8", "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.onnx").exists() and (tmp_path / "m.int8.onnx").exists()
+    res = runner.invoke(cli, ["bench", str(tmp_path / "m.onnx"), str(tmp_path / "m.int8.onnx"), "--provider", "cpu",
+                              "--batch-sizes", "1,4", "--iters", "3", "--warmup", "1", "--data", "digits",
+                              "--out", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["provider"] for r in rows] == ["CPUExecutionProvider"] * 2
+    assert all(r["accuracy"] > 0.9 and set(r["latency"]) == {"1", "4"} for r in rows)
+
+
+def test_cli_export_refusals(tmp_path):
+    runner = CliRunner()
+    snt = tmp_path / "snt.pt"
+    runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(snt)])
+    res = runner.invoke(cli, ["export", str(snt), "--onnx", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "--allow-expanded" in res.output and not (tmp_path / "x.onnx").exists()
+    res = runner.invoke(cli, ["export", str(snt), "--onnx", str(tmp_path / "x.onnx"), "--int8"])
+    assert res.exit_code == 2 and "--int8 needs --data" in res.output
+
+
+def test_asking_for_cuda_on_a_cpu_machine_warns_and_reports_cpu(tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    x = torch.randn(1, 3, 32, 32)
+    export_onnx(_folded(sntfx.build_model("sntfx:resnet20"), x, "branch"), tmp_path / "m.onnx", x)
+    with caplog.at_level(logging.WARNING):
+        result = bench_onnx(tmp_path / "m.onnx", provider="cuda", batch_sizes=(1,), iters=2, warmup=1)
+    assert result.provider == "CPUExecutionProvider" and result.fallback
+    assert any("CPU" in w for w in result.warnings)
+    assert "runs the whole session on the CPU" in caplog.text
+    assert result.node_providers.get("CPUExecutionProvider", 0) > 0
