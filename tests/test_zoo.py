@@ -1,9 +1,13 @@
 """Every torchvision classifier and a sample of timm families: transform, randomise, fold, compare.
 
-Tolerance: norm-wise relative error of the eval-mode outputs <= 1e-5 (float32),
-and the folded model has exactly the parameters of the original. Expanded
-models estimated above ``zoo_check.BLOCKWISE_PARAMS`` are checked block by
-block on each block's own recorded input (the ids say ``blockwise``).
+Criteria (``zoo_check.ZooResult.ok``): the folded model has exactly the
+parameters of the original; in float64 the folded and expanded models agree
+to 1e-8 (the fold's algebra is exact); in float32 they agree to a norm-wise
+relative error of 1e-5, or within 16x the float32 evaluation noise of the
+expanded model itself for the few randomly initialised networks too
+ill-conditioned for 1e-5 to be meaningful (the failure message shows both).
+Expanded models estimated above ``zoo_check.BLOCKWISE_PARAMS`` are checked
+block by block on each block's own recorded input.
 
 The full sweep is marked slow (`make test-slow`, run by CI); a small
 representative subset runs with `make test`.
@@ -15,7 +19,7 @@ import pytest
 import torch
 import torchvision
 
-from zoo_check import TOLERANCE, check_model, input_size
+from zoo_check import check_model, input_size
 
 STYLES = ["linear", "branch", "qa-branch"]
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
@@ -34,22 +38,24 @@ FAST_TORCHVISION = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "regnet_x
 FAST_TIMM = ["vit_tiny_patch16_224"]
 
 
+def _input(size):
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def _tv(name):
-    s = input_size(name)
-    return torchvision.models.get_model(name, weights=None), torch.randn(2, 3, s, s)
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None), _input(input_size(name))
 
 
 def _timm(name):
     import timm
 
-    size = 224 if name.startswith(("vit", "deit")) else 64
-    return timm.create_model(name, pretrained=False), torch.randn(2, 3, size, size)
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False), _input(224 if name.startswith(("vit", "deit")) else 64)
 
 
 def _assert_ok(r):
-    assert r.expanded > 0, r
-    assert r.max_rel_error <= TOLERANCE, r
-    assert r.params_folded == r.params_original, r
+    assert r.ok, r
 
 
 @pytest.mark.parametrize("style", STYLES)
