@@ -7,12 +7,21 @@ snt        :class:`SNTExpand`       expand conv/linear layers into SNT blocks
 fold       :class:`SNTFold`         fold SNT blocks back, exactly
 fold_bn    :class:`FoldBatchNorm`   fold the model's own BatchNorms into layers
 shapes     :class:`ShapePropagation` record tensor shapes in ``node.meta``
+prune      :class:`MagnitudePrune`  unstructured magnitude pruning
+prune_nm   :class:`NMPrune`         N:M semi-structured pruning
+prune_channels :class:`StructuredPrune` channel pruning (torch-pruning)
+quantize   :class:`SimulatedQuantize` simulated low-bit weights/activations
 ========== ======================== ==========================================
 """
 
 from .bn_fold import FoldBatchNorm
+from .prune_magnitude import MagnitudePrune
+from .prune_nm import NMPrune
+from .prune_structured import StructuredPrune
+from .quantize_sim import SimulatedQuantize
 from .shape_prop import ShapePropagation
 from .snt_expand import SNTExpand
 from .snt_fold import SNTFold
 
-__all__ = ["SNTExpand", "SNTFold", "FoldBatchNorm", "ShapePropagation"]
+__all__ = ["SNTExpand", "SNTFold", "FoldBatchNorm", "ShapePropagation", "MagnitudePrune", "NMPrune",
+           "SimulatedQuantize", "StructuredPrune"]

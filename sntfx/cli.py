@@ -141,8 +141,12 @@ def fold(model_file, out, batchnorm, source_file):
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--model-file", "source_file", default=None, help="Rebuild from this model.py instead of the recorded one.")
+@click.option("--quant", "quant_bits", type=click.IntRange(2, 8), default=None, metavar="BITS",
+              help="Quantization-readiness report at BITS-bit weights (folded models).")
+@click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
 @handle_errors
-def inspect(file, source_file):
+def inspect(file, source_file, quant_bits, data_name, data_dir):
     """Show the layers of FILE: expansion, parameters and MACs before/after folding.
 
     FILE is a saved sntfx model, or a model spec (model.py, torchvision:NAME, ...).
@@ -160,6 +164,9 @@ def inspect(file, source_file):
 
         gm = trace(file)
         source, pipeline = {"kind": "spec", "name": file}, "(none)"
+    if quant_bits is not None:
+        _quant_report(gm, quant_bits, data_name, data_dir, file)
+        return
     rows = layer_summary(gm)
     table = Table(title=f"{file}: source {source.get('kind')}:{Path(source['name']).name}, passes {pipeline}")
     for col, just in (("layer", "left"), ("kind", "left"), ("expansion", "left"), ("params", "right"),
@@ -501,6 +508,237 @@ def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out
         console.print(f"wrote [bold]{out_path}[/]")
 
 
+def _load_folded(path: str, source_file: str | None = None):
+    from .compress import ensure_folded
+    from .serialization import load
+
+    gm = load(path, model_file=source_file)
+    ensure_folded(gm, f"'{path}'")
+    return gm
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--sparsity", type=float, required=True, help="Fraction of zeros (unstructured) or of channels removed (structured).")
+@click.option("--method", type=click.Choice(["magnitude", "nm", "structured"]), default="magnitude", show_default=True)
+@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True)
+@click.option("--nm", "nm_pattern", default="2:4", show_default=True, help="N:M pattern for --method nm.")
+@click.option("--importance", type=click.Choice(["magnitude", "taylor", "lamp"]), default="magnitude", show_default=True)
+@click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
+@click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
+@click.option("--exclude-last", is_flag=True, help="Keep the classifier dense.")
+@click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tune after pruning with the zeros held fixed (needs --data).")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
+@handle_errors
+def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to, exclude_first, exclude_last,
+          data_name, data_dir, finetune_epochs, lr):
+    """Prune a folded MODEL: magnitude (exact sparsity), N:M, or structured channels."""
+    from .compress import accuracy, apply_pass
+    from .data import load_data
+    from .io import check_output_path
+    from .serialization import save
+    from sntfx.passes import MagnitudePrune, NMPrune, StructuredPrune
+
+    out_path = check_output_path(out, [model])
+    if not 0 <= sparsity < 1:
+        raise SntfxError(f"--sparsity must be in [0, 1), got {sparsity}")
+    if finetune_epochs and not data_name:
+        raise SntfxError("--finetune-epochs needs --data")
+    try:
+        if method == "magnitude":
+            p = MagnitudePrune(sparsity, scope=scope, exclude_first=exclude_first, exclude_last=exclude_last)
+        elif method == "nm":
+            n, m = (int(v) for v in nm_pattern.split(":"))
+            p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last)
+        else:
+            p = StructuredPrune(sparsity, importance=importance, round_to=round_to, exclude_first=exclude_first)
+    except ValueError as exc:
+        raise SntfxError(str(exc)) from exc
+    gm = _load_folded(model)
+    data = load_data(data_name, data_dir=data_dir) if data_name else None
+    before = accuracy(gm, data) if data else None
+    with console.status("pruning ..."):
+        report = apply_pass(gm, p, data, inplace=True)
+    gm = report.graph_module
+    _print_pass_report(report)
+    if finetune_epochs:
+        _finetune_sparse(gm, data, finetune_epochs, lr)
+    zeros = sum(int((q == 0).sum()) for n, q in gm.named_parameters() if n.endswith("weight") and q.dim() > 1)
+    total = sum(q.numel() for n, q in gm.named_parameters() if n.endswith("weight") and q.dim() > 1)
+    line = f"weights zero: {zeros / total:.2%} of {total:,}; parameters {sum(q.numel() for q in gm.parameters()):,}"
+    if data:
+        line += f"; accuracy {before:.2%} -> {accuracy(gm, data):.2%}"
+    console.print(line, highlight=False)
+    save(gm, out_path)
+    console.print(f"wrote [bold]{out_path}[/]")
+
+
+def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
+    """Short fine-tuning that keeps every zero weight at zero."""
+    import torch
+
+    from .train import TrainConfig, Trainer
+
+    masks = {n: (p != 0) for n, p in gm.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
+    params = dict(gm.named_parameters())
+    hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items()]
+    try:
+        with tempfile_dir() as tmp:
+            with _progress() as progress:
+                Trainer(TrainConfig(epochs=epochs, lr=lr, batch_size=128, schedule="cosine", weight_decay=0.0),
+                        _TrainProgress(progress, 0)).fit(gm, data, Path(tmp) / "finetune.pt")
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m)
+
+
+def tempfile_dir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory()
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--wbits", type=int, default=8, show_default=True)
+@click.option("--abits", type=int, default=None, help="Activation bits (4-8); needs --data for calibration.")
+@click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True, help="Weight clipping.")
+@click.option("--act-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True)
+@click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--data", "data_name", default=None)
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@handle_errors
+def quantize(model, out, wbits, abits, granularity, method, act_method, calib_batches, data_name, data_dir):
+    """Simulated post-training quantization of a folded MODEL (still a torch model)."""
+    from .compress import accuracy, apply_pass
+    from .data import load_data
+    from .io import check_output_path
+    from .serialization import save
+    from sntfx.passes import SimulatedQuantize
+
+    out_path = check_output_path(out, [model])
+    try:
+        p = SimulatedQuantize(wbits=wbits, abits=abits, granularity=granularity, method=method, act_method=act_method)
+    except ValueError as exc:
+        raise SntfxError(str(exc)) from exc
+    if abits is not None and not data_name:
+        raise SntfxError("--abits needs --data to calibrate the activation ranges on real images")
+    gm = _load_folded(model)
+    data = load_data(data_name, data_dir=data_dir) if data_name else None
+    before = accuracy(gm, data) if data else None
+    report = apply_pass(gm, p, data, calib_batches=calib_batches, inplace=True)
+    gm = report.graph_module
+    table = Table(title=f"W{wbits}" + (f"A{abits}" if abits else "") + f" ({granularity}, {method})")
+    table.add_column("layer")
+    table.add_column("weight rel. error", justify="right")
+    if abits:
+        table.add_column("input rel. error", justify="right")
+    for layer, r in report.passes[0].info["layers"].items():
+        row = [layer, f"{r.get('weight_rel_error', float('nan')):.4f}"]
+        if abits:
+            row.append(f"{r.get('input_rel_error', float('nan')):.4f}")
+        table.add_row(*row)
+    console.print(table)
+    if data:
+        console.print(f"accuracy {before:.2%} -> {accuracy(gm, data):.2%}", highlight=False)
+    save(gm, out_path)
+    console.print(f"wrote [bold]{out_path}[/]")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", "data_name", required=True)
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--sparsities", default="0.5,0.7,0.8,0.9", show_default=True)
+@click.option("--channel-sparsities", default="", help="Structured channel sparsities, e.g. 0.2,0.4.")
+@click.option("--bits", default="8,6,5,4,3", show_default=True)
+@click.option("--act-bits", default="8:8,4:8", show_default=True, help="W:A settings with calibrated activations.")
+@click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
+              help="JSON results; PNG plots are written beside it.")
+@handle_errors
+def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out):
+    """Accuracy of folded MODELS under pruning and quantization, without fine-tuning, on one set of axes."""
+    from .compress import sweep as run_sweep
+    from .data import load_data
+    from .io import atomic_write, check_output_path
+
+    out_path = check_output_path(out, list(models))
+    try:
+        sp = [float(v) for v in sparsities.split(",") if v.strip()]
+        csp = [float(v) for v in channel_sparsities.split(",") if v.strip()]
+        bw = [int(v) for v in bits.split(",") if v.strip()]
+        ab = [tuple(int(x) for x in v.split(":")) for v in act_bits.split(",") if v.strip()]
+    except ValueError:
+        raise SntfxError("--sparsities/--bits/--act-bits must be comma-separated numbers (act bits as W:A)") from None
+    bad = [v for v in sp + csp if not 0 <= v < 1] + [b for b in bw if not 2 <= b <= 8]
+    if bad:
+        raise SntfxError(f"out of range: {bad} (sparsities in [0, 1), bits from 2 to 8)")
+    gms = {Path(m).stem: _load_folded(m) for m in models}
+    data = load_data(data_name, data_dir=data_dir)
+    results = {}
+    for name, gm in gms.items():
+        with console.status(f"sweeping {name} ...") as status:
+            results[name] = run_sweep(gm, data, sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab,
+                                      progress=lambda label, name=name: status.update(f"sweeping {name}: {label}"))
+    table = Table(title=f"accuracy on {data.info.name} test ({len(data.test)} images), no fine-tuning")
+    table.add_column("setting")
+    for name in results:
+        table.add_column(name, justify="right")
+    keys = [("float", None)] + [("sparsity", k) for k in map(str, sp)] + [("channel_sparsity", k) for k in map(str, csp)]
+    keys += [("bits", str(b)) for b in bw] + [("act_bits", f"W{w}A{a}") for w, a in ab]
+    for section, key in keys:
+        label = {"float": "float", "sparsity": f"sparsity {key}", "channel_sparsity": f"channels -{key}",
+                 "bits": f"W{key}", "act_bits": key}[section]
+        row = []
+        for r in results.values():
+            v = r[section] if key is None else r[section][key]
+            row.append(f"{(v['accuracy'] if isinstance(v, dict) else v):.2%}")
+        table.add_row(label, *row)
+    console.print(table)
+    plots = _sweep_plots(results, out_path, data.info.name)
+    atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps({"data": data.info.to_dict(), "results": results,
+                                                                   "plots": plots}, indent=2)))
+    console.print(f"wrote [bold]{out_path}[/] and {', '.join(plots)}")
+
+
+def _sweep_plots(results: dict, out_path: Path, dataset: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_write
+
+    written = []
+    for section, xlabel, fname in (("sparsity", "weight sparsity (global magnitude)", "sparsity"),
+                                   ("bits", "weight bits (per-channel, simulated)", "bits")):
+        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+        for name, r in results.items():
+            xs = sorted(r[section], key=float)
+            ax.plot([float(x) for x in xs], [r[section][x] * 100 for x in xs], marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{dataset} test accuracy (%)")
+        if section == "bits":
+            ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_path.with_name(f"{out_path.stem}_{fname}.png")
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
 def torch_seed(seed: int) -> None:
     import torch
 
@@ -517,6 +755,37 @@ def _json_kwargs(text: str | None) -> dict:
     if not isinstance(value, dict):
         raise SntfxError("--kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
     return value
+
+
+def _quant_report(gm, bits: int, data_name, data_dir, file) -> None:
+    import torch
+
+    from .compress import ensure_folded
+    from .data import fixed_batches, load_data
+    from .quant_report import quant_readiness
+    from .tracing import inputs_from_spec, sntfx_meta
+
+    ensure_folded(gm, f"'{file}'")
+    if data_name:
+        data = load_data(data_name, data_dir=data_dir)
+        inputs = (fixed_batches(data.test, batches=1, batch_size=64)[0][0],)
+        source = f"64 {data.info.name} test images"
+    else:
+        inputs = inputs_from_spec(sntfx_meta(gm).get("input_spec", []))
+        source = "random inputs (give --data for real ones)"
+    rows = quant_readiness(gm, inputs, bits=bits)
+    table = Table(title=f"{file}: W{bits} quantization readiness, sensitivity on {source}")
+    for col in ("layer", "w min", "w max", "outlier max", "outlier med", f"W{bits} err/ch", f"W{bits} err/tensor",
+                "output change"):
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(r.layer, f"{r.weight_min:.3g}", f"{r.weight_max:.3g}", f"{r.outlier_ratio_max:.1f}",
+                      f"{r.outlier_ratio_median:.1f}", f"{r.error_channel:.3f}", f"{r.error_tensor:.3f}",
+                      f"{r.sensitivity:.4f}")
+    console.print(table)
+    top = ", ".join(r.layer for r in rows[:3])
+    console.print(f"most sensitive to W{bits}: {top}. Outlier ratio = max|w| / rms(w) per output channel; "
+                  "output change = relative change of the logits when only that layer is quantized.", highlight=False)
 
 
 def _fmt_int(v: int | None) -> str:

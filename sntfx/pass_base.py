@@ -69,11 +69,17 @@ class PassContext:
         seed: seeds every random initialisation a pass does.
         rebuild: True while a saved recipe is replayed; passes then skip
             measurements (the weights are about to be overwritten anyway).
+        calibration: batches of real inputs, for passes that calibrate
+            (activation quantization).
+        calibration_labeled: ``(inputs, labels)`` batches, for passes that
+            need a loss (Taylor importance).
     """
 
     example_inputs: tuple | None = None
     seed: int = 0
     rebuild: bool = False
+    calibration: list | None = None
+    calibration_labeled: list | None = None
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from ``seed`` (and a per-use ``salt``)."""

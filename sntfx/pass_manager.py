@@ -173,7 +173,6 @@ class PassManager:
         self.validate(graph_properties(gm))
         reports: list[PassReport] = []
         done: list[str] = []
-        recipe_pipeline = sntfx_meta(gm).setdefault("pipeline", [])
         for p in self.passes:
             reference = None
             wants_check = self.check and p.numerics is not Numerics.CHANGES and ctx.example_inputs
@@ -223,9 +222,9 @@ class PassManager:
                     )
             for inst in self.instruments:
                 inst.after_pass(p, result)
-            if result.modified:
-                recipe_pipeline = sntfx_meta(new_gm).setdefault("pipeline", recipe_pipeline)
-                recipe_pipeline.append({"name": p.name, "params": p.params()})
+            if result.modified or ctx.rebuild:
+                # A replayed recipe keeps every step it replays, changed or not.
+                sntfx_meta(new_gm).setdefault("pipeline", []).append({"name": p.name, "params": p.params()})
             reports.append(
                 PassReport(
                     name=p.name,

@@ -1,0 +1,72 @@
+"""``prune_nm``: N:M semi-structured sparsity (2:4, 4:8, ...).
+
+In every group of ``m`` consecutive weights along the input-channel
+dimension (for each output channel and kernel tap) the ``n`` largest in
+magnitude are kept and the others zeroed: the pattern sparse tensor cores
+accelerate. Layers whose input channels per group are not a multiple of
+``m`` are skipped and counted (``skip: in-channels not divisible by m``).
+
+Requires: ``folded``. Numerics: changes the function.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from sntfx.compress_utils import prunable_layers
+from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
+
+__all__ = ["NMPrune", "nm_groups"]
+
+
+def nm_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """A view-copy of ``weight`` as ``(-1, m)`` groups along the input-channel dimension."""
+    w = weight.detach()
+    if w.dim() > 2:  # (out, in, *k) -> (out, *k, in)
+        w = w.movedim(1, -1)
+    return w.reshape(-1, m)
+
+
+@register_pass
+class NMPrune(Pass):
+    """Keep ``n`` of every ``m`` consecutive input weights."""
+
+    name = "prune_nm"
+    requires = frozenset({Property.FOLDED})
+
+    def __init__(self, n: int = 2, m: int = 4, exclude_first: bool = False, exclude_last: bool = False):
+        if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 2 or n >= m:
+            raise ValueError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
+        self.n, self.m = n, m
+        self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
+
+    @property
+    def numerics(self) -> Numerics:
+        return Numerics.CHANGES
+
+    def params(self):
+        return {"n": self.n, "m": self.m, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last}
+
+    def run(self, gm, ctx: PassContext) -> PassResult:
+        stats: Counter = Counter()
+        if ctx.rebuild:
+            return PassResult(gm, False, stats)
+        for name, layer in prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last):
+            in_per_group = layer.weight.shape[1]
+            if in_per_group % self.m:
+                stats[f"skip: in-channels not divisible by {self.m}"] += 1
+                continue
+            with torch.no_grad():
+                groups = nm_groups(layer.weight, self.m)
+                drop = torch.topk(groups.abs(), self.m - self.n, dim=1, largest=False).indices
+                mask = torch.ones_like(groups, dtype=torch.bool).scatter_(1, drop, False)
+                shaped = mask.reshape(*(layer.weight.shape[:1] + layer.weight.shape[2:]), in_per_group) \
+                    if layer.weight.dim() > 2 else mask.reshape(layer.weight.shape)
+                if layer.weight.dim() > 2:
+                    shaped = shaped.movedim(-1, 1)
+                layer.weight.mul_(shaped.to(layer.weight.dtype))
+            stats["pruned layers"] += 1
+        return PassResult(gm, stats["pruned layers"] > 0, stats)
+

@@ -1,0 +1,89 @@
+"""Compression workflows shared by the CLI: apply a pass to a copy, measure accuracy, sweep.
+
+:func:`sweep` measures a folded model's accuracy, without fine-tuning, at each
+unstructured sparsity (global magnitude pruning), each structured channel
+sparsity, and each weight bit width (simulated PTQ, per-channel), plus W8A8
+and W4A8 with activations calibrated on real data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils.data import DataLoader
+
+from .blocks import SNTBlock
+from .data import Data, fixed_batches
+from .errors import SntfxError
+from .pass_base import Pass, PassContext
+from .pass_manager import PassManager
+from .train import evaluate
+
+__all__ = ["apply_pass", "accuracy", "sweep", "ensure_folded"]
+
+log = logging.getLogger(__name__)
+
+
+def ensure_folded(gm: fx.GraphModule, what: str = "the model") -> None:
+    if any(isinstance(m, SNTBlock) for m in gm.modules()):
+        raise SntfxError(f"{what} is still in its expanded SNT form: fold it first (`sntfx fold MODEL --out FOLDED`); "
+                         "compressing the expanded model would not carry over to the deployed one")
+
+
+def apply_pass(gm: fx.GraphModule, p: Pass, data: Data | None = None, *, calib_batches: int = 16,
+               batch_size: int = 64, inplace: bool = False):
+    """Run one compression pass on ``gm`` (a copy unless ``inplace``); returns the pass report."""
+    target = gm if inplace else copy.deepcopy(gm)
+    ctx = PassContext(example_inputs=(torch.zeros(data.info.input_shape(2)),) if data else None)
+    if data is not None:
+        batches = fixed_batches(data.train, batches=calib_batches, batch_size=batch_size, seed=1)
+        ctx.calibration = [x for x, _ in batches]
+        ctx.calibration_labeled = batches
+    elif ctx.example_inputs is None:
+        from .tracing import inputs_from_spec, sntfx_meta
+
+        spec = sntfx_meta(target).get("input_spec")
+        ctx.example_inputs = inputs_from_spec(spec) if spec else None
+    return PassManager([p]).run(target, ctx)
+
+
+def accuracy(gm: torch.nn.Module, data: Data, *, batch_size: int = 256, limit: int | None = None) -> float:
+    loader = DataLoader(data.test, batch_size=batch_size)
+    return evaluate(gm, loader, torch.device("cpu"), limit=limit)["accuracy"]
+
+
+def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
+          channel_sparsities: Sequence[float] = (), bits: Sequence[int] = (8, 6, 5, 4, 3),
+          act_bits: Sequence[tuple[int, int]] = ((8, 8), (4, 8)), calib_batches: int = 16,
+          limit: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Accuracy of ``gm`` under each compression setting, without fine-tuning."""
+    from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune
+
+    ensure_folded(gm)
+    tick = progress or (lambda label: None)
+    result: dict[str, Any] = {"float": accuracy(gm, data, limit=limit), "sparsity": {}, "channel_sparsity": {},
+                              "bits": {}, "act_bits": {}}
+    tick("float")
+    for s in sparsities:
+        pruned = apply_pass(gm, MagnitudePrune(s), data).graph_module
+        result["sparsity"][str(s)] = accuracy(pruned, data, limit=limit)
+        tick(f"sparsity {s}")
+    for s in channel_sparsities:
+        pruned = apply_pass(gm, StructuredPrune(s), data).graph_module
+        result["channel_sparsity"][str(s)] = {"accuracy": accuracy(pruned, data, limit=limit),
+                                              "params": sum(p.numel() for p in pruned.parameters())}
+        tick(f"channels {s}")
+    for b in bits:
+        q = apply_pass(gm, SimulatedQuantize(wbits=b), data).graph_module
+        result["bits"][str(b)] = accuracy(q, data, limit=limit)
+        tick(f"W{b}")
+    for wb, ab in act_bits:
+        q = apply_pass(gm, SimulatedQuantize(wbits=wb, abits=ab), data, calib_batches=calib_batches).graph_module
+        result["act_bits"][f"W{wb}A{ab}"] = accuracy(q, data, limit=limit)
+        tick(f"W{wb}A{ab}")
+    return result
