@@ -52,10 +52,31 @@ class BenchResult:
         return asdict(self)
 
 
+_PRELOADED = False
+
+
+def _preload_gpu_libraries() -> None:
+    """Let ONNX Runtime find the CUDA/cuDNN libraries that torch's CUDA wheels installed."""
+    global _PRELOADED
+    import onnxruntime as ort
+
+    if _PRELOADED or not hasattr(ort, "preload_dlls"):
+        return
+    _PRELOADED = True
+    try:
+        import torch  # noqa: F401  (loads the nvidia-* libraries first, when present)
+
+        ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 - without a GPU this fails; the session falls back and says so
+        log.debug("onnxruntime.preload_dlls() failed: %s", exc)
+
+
 def resolve_providers(provider: str) -> list[str]:
     """Provider list for a session: the requested one first, the CPU as the last resort."""
     import onnxruntime as ort
 
+    if provider in ("auto", "cuda", "tensorrt"):
+        _preload_gpu_libraries()
     available = ort.get_available_providers()
     if provider == "auto":
         chosen = [p for p in (PROVIDERS["tensorrt"], PROVIDERS["cuda"]) if p in available]
