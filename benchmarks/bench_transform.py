@@ -59,7 +59,6 @@ def main() -> None:
             times[f"transform {key}"].append(t)
             t, _ = timed(lambda: sntfx.fold(snt, x, inplace=True))
             times[f"fold {key}"].append(t)
-            del snt
         print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
     base = statistics.median(times["symbolic_trace"])
     rows = {k: {"median_s": statistics.median(v), "ratio_to_symbolic_trace": statistics.median(v) / base, "runs": v}

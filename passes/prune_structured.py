@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn

@@ -273,7 +273,6 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     init_distributed(str(resolve_device(device)))
     rank = _dist_info()[0]
     data = load_data(data_name, data_dir=data_dir, seed=seed)
-    torch_seed(seed)
     gm = model_for_data(model, data.info, kwargs=_json_kwargs(kwargs), entry=entry)
     with _progress() as progress:
         result = Trainer(config, _TrainProgress(progress, rank)).fit(gm, data, out_path, resume=resume)
@@ -301,8 +300,6 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
 @handle_errors
 def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trace_samples, landscape, out, seed):
     """Measure the sharpness of trained MODELS (folded first, so all share one architecture)."""
-    import torch
-
     from .api import fold as do_fold
     from .blocks import SNTBlock
     from . import sharpness as sh
@@ -579,6 +576,8 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
 
 def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
     """Short fine-tuning that keeps every zero weight at zero."""
+    import tempfile
+
     import torch
 
     from .train import TrainConfig, Trainer
@@ -587,7 +586,7 @@ def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
     params = dict(gm.named_parameters())
     hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items()]
     try:
-        with tempfile_dir() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             with _progress() as progress:
                 Trainer(TrainConfig(epochs=epochs, lr=lr, batch_size=128, schedule="cosine", weight_decay=0.0),
                         _TrainProgress(progress, 0)).fit(gm, data, Path(tmp) / "finetune.pt")
@@ -597,12 +596,6 @@ def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
     with torch.no_grad():
         for n, m in masks.items():
             params[n].mul_(m)
-
-
-def tempfile_dir():
-    import tempfile
-
-    return tempfile.TemporaryDirectory()
 
 
 @cli.command()
@@ -739,12 +732,6 @@ def _sweep_plots(results: dict, out_path: Path, dataset: str) -> list[str]:
     return written
 
 
-def torch_seed(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-
-
 def _json_kwargs(text: str | None) -> dict:
     if not text:
         return {}
@@ -758,8 +745,6 @@ def _json_kwargs(text: str | None) -> dict:
 
 
 def _quant_report(gm, bits: int, data_name, data_dir, file) -> None:
-    import torch
-
     from .compress import ensure_folded
     from .data import fixed_batches, load_data
     from .quant_report import quant_readiness

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .blocks import LinearExpansion, SNTBlock
+from .blocks import LinearExpansion
 from .data import Data
 from .errors import SntfxError
 from .io import atomic_write

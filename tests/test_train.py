@@ -7,7 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,8 +63,7 @@ def test_short_training_on_digits_learns(tmp_path, optimizer):
 def test_snt_model_trains_with_the_online_fold_by_default(tmp_path):
     data = load_data("synthetic")
     x = torch.randn(2, 3, 16, 16)
-    snt = sntfx.transform(sntfx.trace("sntfx:cnn", x, check=False) if False else
-                          sntfx.trace(sntfx.build_model("sntfx:cnn", in_channels=3, num_classes=4), x), x, ratio=2)
+    snt = sntfx.transform(sntfx.build_model("sntfx:cnn", in_channels=3, num_classes=4), x, ratio=2)
     Trainer(TrainConfig(epochs=1, batch_size=32, limit_batches=2)).fit(snt, data, tmp_path / "a.pt")
     assert all(m.online for m in snt.modules() if isinstance(m, LinearExpansion))
     Trainer(TrainConfig(epochs=1, batch_size=32, limit_batches=2, online_fold=False)).fit(snt, data, tmp_path / "b.pt")
@@ -124,7 +122,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, kill_at):
     killed = run(out, kill_at, False)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     state = torch.load(checkpoint_path(out), weights_only=True)
-    assert state["epoch"] == kill_at[0] and 0 < state["step_in_epoch"] < kill_at[1] or state["epoch"] == kill_at[0] - 0
+    # The last checkpoint is mid-epoch (every 3 steps), before the kill.
+    assert state["epoch"] == kill_at[0] and 0 < state["step_in_epoch"] < kill_at[1]
     resumed = run(out, (-1, -1), True)
     assert resumed.returncode == 0, resumed.stderr
     a, b = torch.load(tmp_path / "ref.pt", weights_only=True), torch.load(out, weights_only=True)
