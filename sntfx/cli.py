@@ -79,8 +79,10 @@ def _inputs_for(path_or_spec: str) -> list[str]:
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), default=None, help="Policy file (.json/.toml).")
 @click.option("--preserve", is_flag=True, help="Start the blocks at exactly the original function.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--passes", "pipeline", default=None,
+              help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
 @handle_errors
-def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed):
+def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline):
     """Trace MODEL and expand its conv/linear layers into SNT blocks.
 
     MODEL is model.py (with build_model()), torchvision:NAME, timm:NAME or sntfx:NAME.
@@ -94,11 +96,25 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     out_path = check_output_path(out, _inputs_for(model) + ([policy] if policy else []))
     spec = _model_spec(model, entry, kwargs)
     inputs = spec.example_inputs(parse_input_shape(input_shape) if input_shape else None)
+    if pipeline and (style or ratio or policy or preserve):
+        raise SntfxError("--passes replaces --style/--ratio/--policy/--preserve: put them in the pipeline, "
+                         'e.g. --passes "snt(style=branch,preserve=true)"')
+    if pipeline:
+        from .pass_base import parse_pipeline
+
+        pipeline = parse_pipeline(pipeline)  # bad strings fail before any work
     with console.status(f"tracing and expanding {spec} ..."):
         from .tracing import trace
 
         gm = trace(spec.build(), inputs)
         sntfx_meta(gm)["source"] = spec.to_dict()
+    if pipeline:
+        from .pass_base import PassContext
+        from .pass_manager import PassManager
+
+        report = PassManager(pipeline).run(gm, PassContext(example_inputs=inputs, seed=seed))
+        gm = report.graph_module
+    else:
         gm, report = do_transform(
             gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True
         )
@@ -108,6 +124,22 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
         console.print(f"[yellow]kept opaque (not traced, not expanded):[/] {', '.join(opaque)}")
     save(gm, out_path)
     console.print(f"wrote [bold]{out_path}[/]")
+
+
+@cli.command(name="passes")
+def list_passes():
+    """List the registered passes, what they require and provide, and their numerics."""
+    from .pass_base import registered_passes
+
+    table = Table(title="registered passes (in --passes strings: name(key=value,...),name2)")
+    table.add_column("name", no_wrap=True)
+    for col in ("requires", "provides", "summary"):
+        table.add_column(col, overflow="fold")
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        needs = sorted(p.value for p in cls.requires) + (["eval mode"] if cls.needs_eval else [])
+        table.add_row(name, ", ".join(needs) or "-", ", ".join(sorted(p.value for p in cls.provides)) or "-", doc)
+    console.print(table)
 
 
 @cli.command()

@@ -154,6 +154,20 @@ def test_fold_refuses_bad_files_and_overwriting_its_input(runner, files):
     _refused(runner.invoke(cli, ["fold", str(files / "none.pt"), "--out", str(out)]), "does not exist", out=out)
 
 
+def test_transform_with_a_pipeline_string(runner, files):
+    out = files / "p.pt"
+    res = runner.invoke(cli, ["transform", str(files / "model.py"), "--out", str(out),
+                              "--passes", "snt(style=qa-branch,preserve=true),fold,fold_bn"])
+    assert res.exit_code == 0, res.output
+    assert [p["name"] for p in sntfx.read_recipe(out)["pipeline"]] == ["snt", "fold", "fold_bn"]
+    res = runner.invoke(cli, ["transform", str(files / "model.py"), "--out", str(out), "--passes", "fold_bn,nope"])
+    assert res.exit_code == 2 and "unknown pass 'nope'" in res.output
+    res = runner.invoke(cli, ["transform", str(files / "model.py"), "--out", str(out), "--passes", "snt", "--style", "branch"])
+    assert res.exit_code == 2 and "--passes replaces" in res.output
+    res = runner.invoke(cli, ["passes"])
+    assert res.exit_code == 0 and "prune_channels" in res.output and "fold_bn" in res.output
+
+
 def test_module_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "sntfx", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "transform" in res.stdout and "fold" in res.stdout and "inspect" in res.stdout
