@@ -305,6 +305,9 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     init_distributed(str(resolve_device(device)))
     rank = _dist_info()[0]
     data = load_data(data_name, data_dir=data_dir, seed=seed)
+    import torch
+
+    torch.manual_seed(seed)  # the same initial weights in every process and every run with this seed
     gm = model_for_data(model, data.info, kwargs=_json_kwargs(kwargs), entry=entry)
     with _progress() as progress:
         result = Trainer(config, _TrainProgress(progress, rank)).fit(gm, data, out_path, resume=resume)
