@@ -58,31 +58,20 @@ def _assert_ok(r):
     assert r.ok, r
 
 
+def _names(all_names, fast):
+    """The fast subset runs with `make test`; the rest is marked slow."""
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in all_names]
+
+
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", FAST_TORCHVISION)
-def test_torchvision_subset(name, style):
+@pytest.mark.parametrize("name", _names(TORCHVISION, FAST_TORCHVISION))
+def test_torchvision_classifier(name, style):
     model, x = _tv(name)
     _assert_ok(check_model(model, x, style, name=name))
 
 
 @pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", FAST_TIMM)
-def test_timm_subset(name, style):
-    model, x = _timm(name)
-    _assert_ok(check_model(model, x, style, name=name))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", [n for n in TORCHVISION if n not in FAST_TORCHVISION])
-def test_every_torchvision_classifier(name, style):
-    model, x = _tv(name)
-    _assert_ok(check_model(model, x, style, name=name))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", [n for n in TIMM if n not in FAST_TIMM])
-def test_timm_families(name, style):
+@pytest.mark.parametrize("name", _names(TIMM, FAST_TIMM))
+def test_timm_family(name, style):
     model, x = _timm(name)
     _assert_ok(check_model(model, x, style, name=name))
