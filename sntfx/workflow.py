@@ -36,7 +36,11 @@ def model_for_data(model: str, info: DatasetInfo, *, kwargs: dict | None = None,
         spec = ModelSpec.parse(model, entry=entry, kwargs=kwargs or {})
         defaults: dict = {}
         if spec.kind == "sntfx":
+            from .zoo import BUILTIN_MODELS, accepts
+
             defaults = {"in_channels": info.channels, "num_classes": info.num_classes}
+            if spec.name in BUILTIN_MODELS and accepts(spec.name, "image_size"):
+                defaults["image_size"] = list(info.size) if info.size[0] != info.size[1] else info.size[0]
         elif spec.kind == "torchvision":
             defaults = {"num_classes": info.num_classes}
         elif spec.kind == "timm":

@@ -75,3 +75,25 @@ def test_torchvision_classifier(name, style):
 def test_timm_family(name, style):
     model, x = _timm(name)
     _assert_ok(check_model(model, x, style, name=name))
+
+
+BUILTIN = ["cnn", "smallvgg", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "vit"]
+
+
+def test_builtin_list_is_complete():
+    from sntfx.zoo import BUILTIN_MODELS
+
+    assert sorted(BUILTIN) == sorted(BUILTIN_MODELS)
+
+
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", BUILTIN)  # all fast: 27 checks in ~16 s
+def test_builtin_model(name, style):
+    from sntfx.models import ModelSpec
+
+    spec = ModelSpec.parse(f"sntfx:{name}")
+    torch.manual_seed(0)
+    model = spec.build()
+    shape = spec.example_inputs()[0].shape
+    x = torch.randn(2, *shape[1:], generator=torch.Generator().manual_seed(0))
+    _assert_ok(check_model(model, x, style, name=name))
