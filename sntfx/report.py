@@ -1,0 +1,356 @@
+"""The study report: ``report.md`` and PNG plots from ``results.json``.
+
+The first screen of ``report.md`` answers the study's question: per method,
+float accuracy, the average accuracy gained (or lost) over Adam under
+unstructured pruning, channel pruning and low-bit quantization, with the
+spread over seeds, and what the training cost. The detailed tables and the
+plots follow. Everything here reads ``results.json`` only, so a report can be
+redrawn (``sntfx study --report-only``) without touching the runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .io import atomic_write
+
+__all__ = ["write_report", "verdict", "short_verdict"]
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("accuracy_vs_sparsity", "accuracy_vs_bits", "sharpness", "landscape", "training_curves")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text.replace(":", "-")).strip("_")
+
+
+def _pct(s: dict | None, signed: bool = False) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    mean, std = 100 * s["mean"], 100 * (s["std"] or 0.0)
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return f"{text} ± {std:.2f}" if s["n"] > 1 else text
+
+
+def _num(s: dict | None, fmt: str = "{:.3g}", unit: str = "") -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    text = fmt.format(s["mean"])
+    return f"{text} ± {fmt.format(s['std'])}{unit}" if s["n"] > 1 else f"{text}{unit}"
+
+
+def verdict(gain: dict | None) -> str:
+    """Plain words for a paired gain: helps / hurts only when the mean is more than one std from zero."""
+    if not gain or gain.get("mean") is None:
+        return "not measured"
+    mean, std, n = 100 * gain["mean"], 100 * gain["std"], gain["n"]
+    if n < 2:
+        return f"{mean:+.2f} points on one seed (no spread: run more seeds)"
+    if mean - std > 0:
+        return f"helps ({mean:+.2f} ± {std:.2f} points)"
+    if mean + std < 0:
+        return f"hurts ({mean:+.2f} ± {std:.2f} points)"
+    return f"no clear difference ({mean:+.2f} ± {std:.2f} points)"
+
+
+def short_verdict(gain: dict | None) -> str:
+    """``+1.20 ± 0.30 helps`` / ``-0.10 ± 0.40 ~`` / ``+0.5 (1 seed)``: for terminal tables."""
+    if not gain or gain.get("mean") is None:
+        return "n/a"
+    mean, std, n = 100 * gain["mean"], 100 * gain["std"], gain["n"]
+    if n < 2:
+        return f"{mean:+.2f} (1 seed)"
+    word = "helps" if mean - std > 0 else "hurts" if mean + std < 0 else "~"
+    return f"{mean:+.2f} ± {std:.2f} {word}"
+
+
+def _methods(summary: dict) -> list[str]:
+    return list(summary["metrics"])
+
+
+def _settings(metrics: dict, prefix: str) -> list[str]:
+    keys = {k for m in metrics.values() for k in m if k.startswith(prefix)}
+    return sorted(keys, key=lambda k: float(k.split(":")[1]))
+
+
+def _bit_keys(metrics: dict) -> list[str]:
+    keys = {k for m in metrics.values() for k in m if re.fullmatch(r"W\d+(A\d+)?", k)}
+    return sorted(keys, key=lambda k: ("A" in k, -int(re.match(r"W(\d+)", k).group(1))))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _model_section(model: str, summary: dict, results: dict, out: Path, plots: dict[str, str]) -> list[str]:
+    metrics, gains, groups = summary["metrics"], summary["gains_over_adam"], summary["group_gains_over_adam"]
+    methods = _methods(summary)
+    runs = [r for r in results["runs"] if r["model"] == model]
+    lines = [f"## {model}", ""]
+
+    # -- the answer --------------------------------------------------------------
+    header = ["method", "float acc (%)", "Δ unstructured pruning", "Δ channel pruning", "Δ quantization ≤ 6 bit",
+              "time / epoch vs Adam", "top Hessian eigenvalue"]
+    rows = []
+    for m in methods:
+        g = groups.get(m, {})
+        rows.append([f"**{m}**", _pct(metrics[m].get("float")),
+                     *(("—",) * 3 if m == "adam" else (_pct(g.get(k), signed=True) for k in
+                                                       ("unstructured pruning", "channel pruning",
+                                                        "quantization (<= 6 bits)"))),
+                     _num(metrics[m].get("epoch_time_vs_adam"), "{:.2f}", "×"),
+                     _num(metrics[m].get("sharpness:top_eigenvalue"), "{:.4g}")])
+    lines += _table(header, rows)
+    lines += ["Δ: accuracy points gained over Adam, averaged over the settings of each kind (the sections below "
+              "list every setting), mean ± std over seeds of the per-seed difference.", ""]
+    for m in methods:
+        if m == "adam":
+            continue
+        g = groups.get(m, {})
+        lines.append(f"- **{m}** vs Adam: float {verdict(gains.get(m, {}).get('float'))}; unstructured pruning "
+                     f"{verdict(g.get('unstructured pruning'))}; channel pruning {verdict(g.get('channel pruning'))}; "
+                     f"quantization {verdict(g.get('quantization (<= 6 bits)'))}.")
+    lines += ["", "_A method \"helps\" (or \"hurts\") only where its mean gain is more than one standard deviation "
+              "above (below) zero across seeds; anything else is reported as no clear difference._", ""]
+
+    # -- details -------------------------------------------------------------------
+    def setting_table(title: str, keys: list[str], label) -> None:
+        if not keys:
+            return
+        nonlocal lines
+        lines += [f"### {title}", ""]
+        rows = [[label(k)] + [_pct(metrics[m].get(k)) for m in methods] for k in keys]
+        lines += _table(["setting"] + methods, rows)
+        others = [m for m in methods if m != "adam"]
+        if others:
+            rows = [[label(k)] + [_pct(gains.get(m, {}).get(k), signed=True) for m in others] for k in keys]
+            lines += ["Gain over Adam (points, paired by seed):", ""] + _table(["setting"] + others, rows)
+
+    setting_table("Accuracy (%) under unstructured magnitude pruning (global, no fine-tuning)",
+                  _settings(metrics, "sparsity:"), lambda k: f"{float(k.split(':')[1]):.0%} of weights")
+    setting_table("Accuracy (%) under structured channel pruning (torch-pruning, no fine-tuning)",
+                  _settings(metrics, "channels:"), lambda k: f"{float(k.split(':')[1]):.0%} of channels")
+    setting_table("Accuracy (%) under post-training quantization (per-channel weights, min-max activations)",
+                  _bit_keys(metrics), lambda k: k)
+
+    lines += ["### Sharpness of the folded models (training loss, fixed batches)", ""]
+    rows = [[m] + [_num(metrics[m].get(f"sharpness:{k}"), "{:.4g}") for k in
+                   ("top_eigenvalue", "hessian_trace", "sam_sharpness", "loss")] for m in methods]
+    lines += _table(["method", "top eigenvalue", "Hessian trace", "SAM sharpness (ρ)", "loss"], rows)
+
+    lines += ["### Training cost", ""]
+    rows = []
+    for m in methods:
+        mr = [r for r in runs if r["method"] == m and "train" in r]
+        params = f"{mr[0]['train']['params_trained']:,} → {mr[0]['train']['params_deployed']:,}" if mr else "n/a"
+        fold = max((r["train"]["fold"]["rel_error"] for r in mr if r["train"].get("fold")), default=None)
+        rows.append([m, _num(metrics[m].get("epoch_seconds"), "{:.1f}", " s"),
+                     _num(metrics[m].get("epoch_time_vs_adam"), "{:.2f}", "×"), params,
+                     "exact (no fold)" if fold is None else f"{fold:.1e}"])
+    lines += _table(["method", "time / epoch (median)", "vs Adam", "parameters trained → deployed",
+                     "fold error (max rel.)"], rows)
+    lines += ["Epoch times come from the runs themselves; runs that shared the machine with other work make them "
+              "noisy (`benchmarks/bench_train_step.py` measures step-time ratios side by side).", ""]
+
+    ort_rows = []
+    for m in methods:
+        mm = metrics[m]
+        if "ort:fp32:accuracy" not in mm:
+            continue
+        b1f, b1q = mm.get("ort:fp32:ms:b1"), mm.get("ort:int8:ms:b1")
+        speed = (f"{b1f['mean'] / b1q['mean']:.2f}×" if b1f and b1q and b1f.get("mean") and b1q.get("mean")
+                 else "n/a")
+        ort_rows.append([m, _num(b1f, "{:.3f}"), _num(b1q, "{:.3f}"), speed,
+                         _num(mm.get("ort:fp32:mb"), "{:.3f}"), _num(mm.get("ort:int8:mb"), "{:.3f}"),
+                         _pct(mm.get("ort:fp32:accuracy")), _pct(mm.get("ort:int8:accuracy"))])
+    if ort_rows:
+        provider = next((r["onnx"]["fp32"]["bench"]["provider"] for r in runs if "onnx" in r), "?")
+        lines += [f"### Deployment: ONNX Runtime ({provider})", ""]
+        lines += _table(["method", "fp32 ms (batch 1, p50)", "int8 ms", "int8 speed-up", "fp32 MB", "int8 MB",
+                         "fp32 acc (%)", "int8 acc (%)"], ort_rows)
+
+    lines += ["### Plots", ""]
+    for name, rel in plots.items():
+        lines.append(f"![{name.replace('_', ' ')}]({rel})")
+    return lines + [""]
+
+
+def write_report(results: dict[str, Any], out: str | Path) -> Path:
+    """Write ``report.md`` and the plots for ``results`` into ``out``."""
+    out = Path(out)
+    cfg, data = results["config"], results["dataset"]
+    plot_dir = out / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    seeds = cfg["seeds"]
+    lines = [f"# sntfx study: {', '.join(cfg['models'])} on {data['name']}", ""]
+    fold_errors = [r["train"]["fold"]["rel_error"] for r in results["runs"] if r.get("train", {}).get("fold")]
+    lines += [
+        f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}) × {len(cfg['methods'])} "
+        f"methods, {cfg['epochs']} epoch{'s' if cfg['epochs'] > 1 else ''} of {cfg['optimizer']} "
+        f"(batch {cfg['batch_size']}{', ' + str(cfg['limit_batches']) + ' batches per epoch' if cfg.get('limit_batches') else ''})"
+        f" on {data['train_images']:,} training images. Every method starts from the same initial weights and sees "
+        "the same data order; SNT models are folded back into the original architecture before anything is "
+        "measured" + (f" (largest relative fold error {max(fold_errors):.1e})" if fold_errors else "") + ". "
+        f"Accuracies are top-1 on {min(data['test_images'], cfg.get('eval_images') or data['test_images']):,} "
+        "test images (float accuracy on all of them), in %; ± is the standard deviation over seeds.", ""]
+    for model, summary in results["summary"].items():
+        plots = draw_plots(model, summary, results, plot_dir)
+        lines += _model_section(model, summary, results, out, {k: str(Path(v).relative_to(out)) for k, v in plots.items()})
+    env = results["environment"]
+    pk = env["packages"]
+    lines += ["## Configuration", "",
+              f"sntfx {results['sntfx_version']}, torch {pk.get('torch')}, ONNX Runtime "
+              f"{pk.get('onnxruntime-gpu') or pk.get('onnxruntime')}, Python {env['python']} on {env['platform']} "
+              f"({env['cpu_count']} CPUs{', ' + env['cuda'] if env.get('cuda') else ''}); written {results['created']}. "
+              "Every number, setting and per-run result is in `results.json`; each run's files (checkpoint, "
+              "folded model, ONNX models, stage results) are under `runs/`.", ""]
+    text = "\n".join(lines)
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
+    return out / "report.md"
+
+
+# -- plots --------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    _plt().close(fig)
+
+
+def _band(ax, xs, stats_list, label, **kw):
+    import numpy as np
+
+    mean = np.array([100 * s["mean"] if s and s.get("mean") is not None else np.nan for s in stats_list])
+    std = np.array([100 * (s["std"] or 0) if s and s.get("mean") is not None else np.nan for s in stats_list])
+    line, = ax.plot(xs, mean, marker="o", ms=3, label=label, **kw)
+    ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.18, lw=0)
+
+
+def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict[str, Path]:
+    plt = _plt()
+    metrics = summary["metrics"]
+    methods = _methods(summary)
+    prefix = _slug(model)
+    paths: dict[str, Path] = {}
+
+    # accuracy vs sparsity: unstructured and channel side by side
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, title in ((axes[0], "sparsity:", "unstructured magnitude pruning"),
+                           (axes[1], "channels:", "structured channel pruning")):
+        keys = _settings(metrics, key)
+        xs = [0.0] + [float(k.split(":")[1]) for k in keys]
+        for m in methods:
+            _band(ax, xs, [metrics[m].get("sweep:float") or metrics[m].get("float")] + [metrics[m].get(k) for k in keys],
+                  m)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: accuracy under pruning (mean ± std over seeds)")
+    fig.tight_layout()
+    paths["accuracy_vs_sparsity"] = plot_dir / f"{prefix}-accuracy_vs_sparsity.png"
+    _save(fig, paths["accuracy_vs_sparsity"])
+
+    # accuracy vs weight bits (float drawn at 32)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    bit_keys = [k for k in _bit_keys(metrics) if "A" not in k]
+    xs = [32] + [int(k[1:]) for k in bit_keys]
+    for m in methods:
+        _band(ax, xs, [metrics[m].get("sweep:float") or metrics[m].get("float")] + [metrics[m].get(k) for k in bit_keys], m)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["fp32"] + [str(x) for x in xs[1:]])
+    ax.invert_xaxis()
+    ax.set_xlabel("weight bits (per-channel PTQ)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{model}: accuracy under quantization")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["accuracy_vs_bits"] = plot_dir / f"{prefix}-accuracy_vs_bits.png"
+    _save(fig, paths["accuracy_vs_bits"])
+
+    # sharpness bars
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    for ax, key, title in ((axes[0], "sharpness:top_eigenvalue", "top Hessian eigenvalue"),
+                           (axes[1], "sharpness:hessian_trace", "Hessian trace")):
+        vals = [metrics[m].get(key) or {} for m in methods]
+        means = [v.get("mean") or 0.0 for v in vals]
+        errs = [v.get("std") or 0.0 for v in vals]
+        ax.bar(range(len(methods)), means, yerr=errs, capsize=3, color=[f"C{i}" for i in range(len(methods))])
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=30, ha="right", fontsize=8)
+        if all(v > 0 for v in means):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{model}: sharpness of the folded models (lower is flatter)")
+    fig.tight_layout()
+    paths["sharpness"] = plot_dir / f"{prefix}-sharpness.png"
+    _save(fig, paths["sharpness"])
+
+    runs = [r for r in results["runs"] if r["model"] == model]
+
+    # 1-D loss landscapes: mean over seeds per method
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for i, m in enumerate(methods):
+        curves = [r["evaluate"]["landscape"] for r in runs if r["method"] == m and "evaluate" in r]
+        if not curves:
+            continue
+        losses = np.array([c["losses"] for c in curves])
+        ax.plot(curves[0]["alphas"], losses.mean(0), color=f"C{i}", label=m)
+        if len(curves) > 1:
+            ax.fill_between(curves[0]["alphas"], losses.min(0), losses.max(0), color=f"C{i}", alpha=0.15, lw=0)
+    ax.set_yscale("log")
+    ax.set_xlabel("step along a filter-normalised random direction")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{model}: 1-D loss landscape (band: seeds' range)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths["landscape"] = plot_dir / f"{prefix}-landscape.png"
+    _save(fig, paths["landscape"])
+
+    # training curves: train loss and test accuracy per epoch
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for i, m in enumerate(methods):
+        hist = [r["train"]["history"] for r in runs if r["method"] == m and "train" in r]
+        if not hist:
+            continue
+        epochs = [h["epoch"] for h in hist[0]]
+        n = min(len(h) for h in hist)
+        loss = np.array([[e["train_loss"] for e in h[:n]] for h in hist])
+        acc = np.array([[100 * e["test_accuracy"] for e in h[:n]] for h in hist])
+        for ax, arr in ((axes[0], loss), (axes[1], acc)):
+            ax.plot(epochs[:n], arr.mean(0), marker="o", ms=3, color=f"C{i}", label=m)
+            if len(hist) > 1:
+                ax.fill_between(epochs[:n], arr.min(0), arr.max(0), color=f"C{i}", alpha=0.15, lw=0)
+    axes[0].set_ylabel("training loss")
+    axes[1].set_ylabel("test accuracy (%)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{model}: training curves (expanded models during training; band: seeds' range)")
+    fig.tight_layout()
+    paths["training_curves"] = plot_dir / f"{prefix}-training_curves.png"
+    _save(fig, paths["training_curves"])
+    return paths

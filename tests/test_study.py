@@ -1,0 +1,301 @@
+"""``sntfx study``: method names, statistics, a tiny end-to-end study, resuming, errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import jsonschema
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sntfx
+from sntfx.cli import cli
+from sntfx.errors import SntfxError
+from sntfx.study import SCHEMA_PATH, Method, Run, Study, StudyConfig, summarize
+
+TINY = dict(models=["sntfx:cnn"], data="synthetic", epochs=2, limit_batches=3, batch_size=32, eval_images=64,
+            sharpness_batches=1, sharpness_batch_size=32, sharpness_iters=3, trace_samples=2, landscape_steps=5,
+            bench_iters=2, bench_batch_sizes=[1, 8], sparsities=[0.5, 0.8], channel_sparsities=[0.3], bits=[8, 4],
+            provider="cpu")
+STAGE_FILES = ["config.json", "train.json", "evaluate.json", "sweep.json", "onnx.json", "model.pt", "model.onnx",
+               "model.int8.onnx", "train.ckpt", "train.metrics.jsonl"]
+PLOTS = ["accuracy_vs_sparsity", "accuracy_vs_bits", "sharpness", "landscape", "training_curves"]
+
+
+# -- method names ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, style, ratio, init, sam", [
+    ("adam", None, None, "preserve", False),
+    ("sam", None, None, "preserve", True),
+    ("snt-linear", "linear", None, "preserve", False),
+    ("snt-linear-x2", "linear", 2, "preserve", False),
+    ("snt-branch+sam", "branch", None, "preserve", True),
+    ("snt-qa-branch", "qa-branch", None, "preserve", False),
+    ("SNT-QA-Branch-fresh-x3+SAM", "qa-branch", 3, "fresh", True),
+])
+def test_method_names(text, style, ratio, init, sam):
+    m = Method.parse(text)
+    assert (m.style, m.ratio, m.init, m.sam) == (style, ratio, init, sam)
+    assert Method.parse(m.name) == m
+
+
+@pytest.mark.parametrize("text", ["sgd", "snt-wide", "snt-linear-x0", "snt-linear-big", "adam+sam", "sam+sam",
+                                  "snt-linear+adam", "snt-"])
+def test_bad_method_names_say_what_is_allowed(text):
+    with pytest.raises(SntfxError, match="method|style"):
+        Method.parse(text)
+
+
+def test_adam_baseline_is_always_included():
+    assert StudyConfig(methods=["snt-linear"]).methods == ["adam", "snt-linear"]
+
+
+# -- statistics ---------------------------------------------------------------------
+
+
+def _record(method, seed, acc, w4, ep):
+    return {"model": "m", "method": method, "seed": seed,
+            "evaluate": {"float_accuracy": acc, "sharpness": {"loss": 0.1, "top_eigenvalue": 10.0 * acc,
+                                                              "hessian_trace": 1.0, "sam_sharpness": 0.1}},
+            "sweep": {"float": acc, "sparsity": {"0.5": acc - 0.1}, "channel_sparsity": {}, "bits": {"4": w4},
+                      "act_bits": {}},
+            "train": {"epoch_seconds_median": ep}}
+
+
+def test_summary_statistics_are_paired_by_seed():
+    config = StudyConfig(models=["m"], methods=["adam", "snt-linear"], seeds=[0, 1, 2])
+    adam = [(0.80, 0.50, 10.0), (0.82, 0.60, 11.0), (0.81, 0.40, 12.0)]
+    snt = [(0.83, 0.70, 11.0), (0.82, 0.65, 12.1), (0.85, 0.62, 13.2)]
+    records = [_record("adam", s, *v) for s, v in enumerate(adam)] + [_record("snt-linear", s, *v)
+                                                                       for s, v in enumerate(snt)]
+    summary = summarize(records, config)["m"]
+    float_stats = summary["metrics"]["snt-linear"]["float"]
+    assert float_stats["mean"] == pytest.approx(statistics.fmean([0.83, 0.82, 0.85]))
+    assert float_stats["std"] == pytest.approx(statistics.stdev([0.83, 0.82, 0.85]))
+    diffs = [b[1] - a[1] for a, b in zip(adam, snt)]
+    gain = summary["gains_over_adam"]["snt-linear"]["W4"]
+    assert (gain["mean"], gain["std"], gain["n"]) == pytest.approx((statistics.fmean(diffs), statistics.stdev(diffs), 3))
+    # the quantization group averages W4 only here; unstructured pruning averages sparsity 0.5
+    group = summary["group_gains_over_adam"]["snt-linear"]
+    assert group["quantization (<= 6 bits)"]["mean"] == pytest.approx(statistics.fmean(diffs))
+    assert group["unstructured pruning"]["mean"] == pytest.approx(statistics.fmean(
+        [b[0] - a[0] for a, b in zip(adam, snt)]))
+    assert summary["metrics"]["snt-linear"]["epoch_time_vs_adam"]["mean"] == pytest.approx(1.1)
+    assert "W4" not in summary["gains_over_adam"].get("adam", {})
+
+
+# -- the runs -----------------------------------------------------------------------
+
+
+def test_every_method_starts_from_the_same_function(tmp_path):
+    study = Study(StudyConfig(**TINY, methods=["adam", "snt-linear", "snt-branch", "snt-linear+sam"], seeds=[3]),
+                  tmp_path)
+    x = torch.stack([study.data.test[i][0] for i in range(16)])
+    outputs = []
+    for run in study.runs():
+        gm = study._build(run).eval()
+        with torch.no_grad():
+            outputs.append(gm(x))
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0], rtol=1e-5, atol=1e-5)
+    fresh = Study(StudyConfig(**TINY, methods=["adam", "snt-linear-fresh"], seeds=[3]), tmp_path)
+    gm = fresh._build(fresh.runs()[1]).eval()
+    with torch.no_grad():
+        assert not torch.allclose(gm(x), outputs[0], atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    settings = {k: v for k, v in TINY.items() if k not in ("models", "data", "epochs")}
+    (folder / "tiny.json").write_text(json.dumps(settings))
+    out = folder / "out"
+    res = CliRunner().invoke(cli, [
+        "study", "--model", "sntfx:cnn", "--data", "synthetic", "--methods", "adam,sam,snt-linear,snt-branch",
+        "--seeds", "0,1", "--epochs", "2", "--config", str(folder / "tiny.json"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, res.output
+
+
+def test_tiny_study_writes_every_file(tiny_study):
+    out, output = tiny_study
+    assert "report:" in output
+    for name in ("results.json", "report.md", "study.json"):
+        assert (out / name).is_file(), name
+    for plot in PLOTS:
+        png = out / "plots" / f"sntfx-cnn-{plot}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    for method in ("adam", "sam", "snt-linear", "snt-branch"):
+        for seed in (0, 1):
+            run = out / "runs" / "sntfx-cnn" / method / f"seed{seed}"
+            for name in STAGE_FILES:
+                assert (run / name).is_file(), run / name
+    assert not list(out.rglob("*.tmp")), "temporary files left behind"
+
+
+def test_results_validate_against_the_schema(tiny_study):
+    out, _ = tiny_study
+    results = json.loads((out / "results.json").read_text())
+    jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(results)
+    assert len(results["runs"]) == 8
+    assert results["config"]["seeds"] == [0, 1]
+    assert "torch" in results["environment"]["packages"]
+    # the summary is computed from the runs it lists
+    runs = [r for r in results["runs"] if r["method"] == "snt-linear"]
+    mean = statistics.fmean(r["evaluate"]["float_accuracy"] for r in runs)
+    assert results["summary"]["sntfx:cnn"]["metrics"]["snt-linear"]["float"]["mean"] == pytest.approx(mean)
+    # a broken document is rejected
+    bad = dict(results, runs=[dict(results["runs"][0], evaluate={"float_accuracy": 1.5})])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(bad)
+
+
+def test_study_models_are_folded_and_the_fold_is_recorded(tiny_study):
+    out, _ = tiny_study
+    plain = sum(p.numel() for p in sntfx.load(out / "runs/sntfx-cnn/adam/seed0/model.pt").parameters())
+    for method in ("snt-linear", "snt-branch"):
+        train = json.loads((out / f"runs/sntfx-cnn/{method}/seed0/train.json").read_text())
+        assert train["params_trained"] > train["params_deployed"] == plain
+        assert train["fold"]["rel_error"] < 1e-5
+        gm = sntfx.load(out / f"runs/sntfx-cnn/{method}/seed0/model.pt")
+        assert sum(p.numel() for p in gm.parameters()) == plain
+
+
+def test_report_has_the_answer_first(tiny_study):
+    out, _ = tiny_study
+    report = (out / "report.md").read_text()
+    head = report[: report.index("### ")]
+    for method in ("adam", "sam", "snt-linear", "snt-branch"):
+        assert f"**{method}**" in head
+    assert "Δ unstructured pruning" in head and "time / epoch vs Adam" in head
+    for plot in PLOTS:
+        assert f"plots/sntfx-cnn-{plot}.png" in report
+    assert "ONNX Runtime" in report
+
+
+def test_report_only_redraws_from_results(tiny_study):
+    out, _ = tiny_study
+    (out / "report.md").unlink()
+    res = CliRunner().invoke(cli, ["study", "--report-only", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.md").is_file()
+
+
+def test_interrupted_study_resumes_without_redoing_finished_work(tmp_path):
+    config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False)
+    first = Study(config, tmp_path / "a", stop_after=lambda run, stage: run.method.name == "snt-linear"
+                  and stage == "train")
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert first.executed == [("sntfx:cnn adam seed 0", "train"), ("sntfx:cnn snt-linear seed 0", "train")]
+    adam_dir = tmp_path / "a/runs/sntfx-cnn/adam/seed0"
+    stamp = (adam_dir / "train.json").stat().st_mtime_ns, (adam_dir / "model.pt").stat().st_mtime_ns
+    second = Study(config, tmp_path / "a")
+    second.run()
+    assert ("sntfx:cnn adam seed 0", "train") not in second.executed
+    assert ("sntfx:cnn snt-linear seed 0", "train") not in second.executed
+    assert ("sntfx:cnn adam seed 0", "evaluate") in second.executed
+    assert ((adam_dir / "train.json").stat().st_mtime_ns, (adam_dir / "model.pt").stat().st_mtime_ns) == stamp
+    third = Study(config, tmp_path / "a")
+    third.run()
+    assert third.executed == []
+    assert (tmp_path / "a/results.json").is_file()
+
+
+def test_killed_mid_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Interrupt inside the second epoch: the resumed run ends bit-identical to an uninterrupted one."""
+    import sntfx.study as study_mod
+
+    config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False)
+    Study(config, tmp_path / "ref").run()
+
+    calls = {"n": 0}
+    original = study_mod._TrainTicker.on_step
+
+    def crash(self, epoch, step, loss, rate):
+        calls["n"] += 1
+        # Adam trains first (2 epochs x 3 steps); crash in the second epoch of snt-linear
+        if calls["n"] > 6 and epoch == 1 and step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        original(self, epoch, step, loss, rate)
+
+    monkeypatch.setattr(study_mod._TrainTicker, "on_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Study(config, tmp_path / "b").run()
+    assert (tmp_path / "b/runs/sntfx-cnn/snt-linear/seed0/train.ckpt").exists()
+    assert not (tmp_path / "b/runs/sntfx-cnn/snt-linear/seed0/train.json").exists()
+    monkeypatch.setattr(study_mod._TrainTicker, "on_step", original)
+    resumed = Study(config, tmp_path / "b")
+    resumed.run()
+    assert [s for s in resumed.executed if s[1] == "train"] == [("sntfx:cnn snt-linear seed 0", "train")]
+    for method in ("adam", "snt-linear"):
+        a = sntfx.load(tmp_path / f"ref/runs/sntfx-cnn/{method}/seed0/model.pt").state_dict()
+        b = sntfx.load(tmp_path / f"b/runs/sntfx-cnn/{method}/seed0/model.pt").state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (method, k)
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, ["study", *args])
+
+
+def test_bad_method_exits_2_without_output(tmp_path):
+    res = _invoke("--data", "synthetic", "--methods", "adam,snt-wide", "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2
+    assert "snt-wide" in res.output and "linear" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_exits_2_without_output(tmp_path):
+    res = _invoke("--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "CIFAR" in res.output.upper()
+    assert not (tmp_path / "o").exists()
+
+
+def test_changed_settings_are_refused_on_resume(tmp_path):
+    config = StudyConfig(**TINY, methods=["adam"], seeds=[0], onnx=False)
+    Study(config, tmp_path).run()
+    args = ["--model", "sntfx:cnn", "--data", "synthetic", "--methods", "adam", "--seeds", "0", "--limit-batches", "3",
+            "--batch-size", "32", "--out", str(tmp_path)]
+    res = _invoke(*args, "--epochs", "3")
+    assert res.exit_code == 2 and "epochs" in res.output and "different settings" in res.output
+
+
+def test_out_must_be_new_or_a_study(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    res = _invoke("--data", "synthetic", "--out", str(tmp_path))
+    assert res.exit_code == 2 and "does not hold an sntfx study" in res.output
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_setting_in_config_file(tmp_path):
+    (tmp_path / "s.toml").write_text("epochs = 2\nsharpnes_iters = 3\n")
+    res = _invoke("--data", "synthetic", "--config", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "sharpnes_iters" in res.output and "sharpness_iters" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_presets_resolve():
+    from sntfx.study import preset_config
+
+    paper = preset_config("paper", {})
+    assert paper.data == "cifar10" and len(paper.seeds) == 3 and "sntfx:resnet20" in paper.models
+    quick = preset_config("quick", {"data": "digits"})
+    assert quick.data == "digits" and quick.models == ["sntfx:smallvgg"]
+    assert preset_config("quick", {"epochs": 7}).epochs == 7
+    with pytest.raises(SntfxError, match="preset"):
+        preset_config("huge", {})
+
+
+def test_run_labels_are_unique():
+    study = Study(StudyConfig(models=["sntfx:cnn", "sntfx:resnet20"], methods=["adam", "snt-linear"], seeds=[0, 1]),
+                  "unused")
+    runs = study.runs()
+    assert len({r.path for r in runs}) == len(runs) == 8
+    assert all(isinstance(r, Run) for r in runs)
