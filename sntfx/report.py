@@ -88,6 +88,28 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
+def _in_short(groups: dict[str, dict]) -> str:
+    """One sentence per compression kind: the best method and whether it clears the one-std bar."""
+    parts = []
+    for kind in ("unstructured pruning", "channel pruning", "quantization (<= 6 bits)"):
+        scored = [(m, g[kind]) for m, g in groups.items() if g.get(kind, {}).get("mean") is not None]
+        if not scored:
+            continue
+        best, stats = max(scored, key=lambda item: item[1]["mean"])
+        mean, std = 100 * stats["mean"], 100 * stats["std"]
+        if stats["n"] > 1 and mean - std > 0:
+            parts.append(f"under {kind}, **{best}** keeps the most accuracy ({mean:+.2f} ± {std:.2f} points over Adam)")
+        elif stats["n"] > 1 and mean + std < 0:
+            parts.append(f"under {kind}, every method keeps less accuracy than Adam (closest: {best}, "
+                         f"{mean:+.2f} ± {std:.2f})")
+        elif stats["n"] > 1:
+            parts.append(f"under {kind}, no method beats Adam by more than its spread (best: {best}, "
+                         f"{mean:+.2f} ± {std:.2f})")
+        else:
+            parts.append(f"under {kind}, the best is {best} ({mean:+.2f} points, one seed)")
+    return ("**In short:** " + "; ".join(parts) + ".") if parts else ""
+
+
 def _model_section(model: str, summary: dict, results: dict, out: Path, plots: dict[str, str]) -> list[str]:
     metrics, gains, groups = summary["metrics"], summary["gains_over_adam"], summary["group_gains_over_adam"]
     methods = _methods(summary)
@@ -107,6 +129,7 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
                      _num(metrics[m].get("epoch_time_vs_adam"), "{:.2f}", "×"),
                      _num(metrics[m].get("sharpness:top_eigenvalue"), "{:.4g}")])
     lines += _table(header, rows)
+    lines += [_in_short(groups), ""]
     lines += ["Δ: accuracy points gained over Adam, averaged over the settings of each kind (the sections below "
               "list every setting), mean ± std over seeds of the per-seed difference.", ""]
     for m in methods:

@@ -71,6 +71,14 @@ log = logging.getLogger(__name__)
 SCHEMA_PATH = Path(__file__).with_name("schemas") / "study-results.schema.json"
 SCHEMA_VERSION = 1
 STAGES = ("train", "evaluate", "sweep", "onnx")
+TRAIN_KEYS = ("data", "data_dir", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "rho", "ratio",
+              "limit_batches")
+STAGE_KEYS = {
+    "evaluate": ("rho", "sharpness_batches", "sharpness_batch_size", "sharpness_iters", "trace_samples",
+                 "landscape_steps"),
+    "sweep": ("sparsities", "channel_sparsities", "bits", "act_bits", "eval_images"),
+    "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images"),
+}
 
 # Training cost of one step relative to Adam, for the progress estimate only
 # (measured ratios from benchmarks/bench_train_step.py, rounded).
@@ -355,11 +363,15 @@ class Study:
                 for model in c.models for method in c.method_objects for seed in c.seeds]
 
     def run_config(self, run: Run) -> dict[str, Any]:
-        """The settings a run's stored results depend on (checked when resuming)."""
+        """The settings a run's training depends on (a resumed study must match them)."""
         c = self.config.to_dict()
-        for key in ("models", "methods", "seeds", "device", "preset", "provider"):
-            c.pop(key)
-        return {"model": run.model, "method": run.method.to_dict(), "seed": run.seed, "study": c}
+        return {"model": run.model, "method": run.method.to_dict(), "seed": run.seed,
+                "study": {k: c[k] for k in TRAIN_KEYS}}
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings a stage's result depends on beyond training; a change redoes that stage only."""
+        c = self.config.to_dict()
+        return {k: c[k] for k in STAGE_KEYS.get(stage, ())}
 
     def train_config(self, run: Run):
         from .train import TrainConfig
@@ -457,9 +469,12 @@ class Study:
     def _stage(self, index: int, run: Run, stage: str, weight: float, fn: Callable[[Run, Callable], dict]) -> None:
         path = run.path / f"{stage}.json"
         self.progress.stage(index, run.label, stage)
+        settings = self.stage_settings(stage)
         if path.exists():
-            self.progress.advance(weight)
-            return
+            if json.loads(path.read_text()).get("settings", {}) == settings:
+                self.progress.advance(weight)
+                return
+            log.info("%s: %s settings changed since it ran; redoing that stage", run.label, stage)
         done = 0.0
 
         def tick(fraction_of_stage: float) -> None:
@@ -473,6 +488,7 @@ class Study:
         if result is None:  # a non-zero rank: nothing to record
             return
         result["stage_seconds"] = time.perf_counter() - start
+        result["settings"] = settings
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
         self.executed.append((run.label, stage))
         self.progress.advance(weight - done)

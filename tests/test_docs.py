@@ -26,8 +26,8 @@ def test_example_scripts(script):
     assert res.returncode == 0, res.stderr
 
 
-def test_demo_runs(tmp_path):
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--epochs", "1", "--out", str(tmp_path)],
+def test_train_and_fold_example_runs(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "train_and_fold.py"), "--epochs", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "fold verified" in res.stdout
@@ -43,3 +43,13 @@ def test_example_model_and_policy_with_the_cli(tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "skip: first layer: 1" in res.stdout and "expanded: qa-branch: 1" in res.stdout
+
+
+def test_make_demo_runs_the_quick_study():
+    """`make demo` is `sntfx study --preset quick` into demo-results/ (the study itself is tested in test_study)."""
+    make = (ROOT / "Makefile").read_text()
+    recipe = make[make.index("\ndemo:"):].split("\n\n")[0]
+    assert "sntfx study --preset quick --out demo-results" in recipe
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme[readme.index("```bash"):].split("```")[1]
+    assert first_block.split("\n")[1].startswith("make demo") and "make test" in first_block

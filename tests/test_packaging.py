@@ -22,6 +22,7 @@ def test_wheel_contains_only_the_sntfx_package(tmp_path):
     assert top <= {"sntfx", next(n.split("/")[0] for n in names if ".dist-info/" in n)}, top
     assert "sntfx/passes/snt_expand.py" in names and "sntfx/passes/snt_fold.py" in names
     assert "sntfx/exporters/__init__.py" in names
+    assert "sntfx/schemas/study-results.schema.json" in names  # the study validates results.json against it
     assert not any(n.startswith(("passes/", "exporters/", "tests/")) for n in names)
 
 
@@ -50,7 +51,8 @@ def test_normal_install_imports_from_site_packages(tmp_path):
         "import sntfx, sntfx.passes, sntfx.exporters, torch;"
         f"assert sntfx.__file__.startswith({str(target)!r}), sntfx.__file__;"
         f"assert sntfx.passes.__file__.startswith({str(target)!r});"
-        "gm = sntfx.transform('sntfx:cnn'); print(len(list(gm.modules())))"
+        "gm = sntfx.transform('sntfx:cnn'); print(len(list(gm.modules())));"
+        "import sntfx.study as st; assert st.SCHEMA_PATH.is_file()"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)

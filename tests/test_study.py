@@ -162,6 +162,9 @@ def test_study_models_are_folded_and_the_fold_is_recorded(tiny_study):
         assert train["fold"]["rel_error"] < 1e-5
         gm = sntfx.load(out / f"runs/sntfx-cnn/{method}/seed0/model.pt")
         assert sum(p.numel() for p in gm.parameters()) == plain
+        # the folded model scores what the trained (expanded) model scored on the same test set
+        evaluate = json.loads((out / f"runs/sntfx-cnn/{method}/seed0/evaluate.json").read_text())
+        assert abs(evaluate["float_accuracy"] - train["final_test_accuracy"]) <= 1 / evaluate["test_images"]
 
 
 def test_report_has_the_answer_first(tiny_study):
@@ -203,6 +206,16 @@ def test_interrupted_study_resumes_without_redoing_finished_work(tmp_path):
     third.run()
     assert third.executed == []
     assert (tmp_path / "a/results.json").is_file()
+
+
+def test_changed_sweep_settings_redo_the_sweep_only(tmp_path):
+    config = StudyConfig(**TINY, methods=["adam"], seeds=[0], onnx=False)
+    Study(config, tmp_path).run()
+    changed = StudyConfig(**{**TINY, "sparsities": [0.5, 0.6, 0.8]}, methods=["adam"], seeds=[0], onnx=False)
+    again = Study(changed, tmp_path)
+    results = again.run()
+    assert again.executed == [("sntfx:cnn adam seed 0", "sweep")]
+    assert sorted(results["runs"][0]["sweep"]["sparsity"]) == ["0.5", "0.6", "0.8"]
 
 
 def test_killed_mid_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
@@ -299,3 +312,26 @@ def test_run_labels_are_unique():
     runs = study.runs()
     assert len({r.path for r in runs}) == len(runs) == 8
     assert all(isinstance(r, Run) for r in runs)
+
+
+def test_study_under_torchrun(tmp_path):
+    """Two ranks train every run together (DDP); rank 0 alone evaluates and writes the report."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = {k: v for k, v in TINY.items() if k not in ("models", "data")}
+    (tmp_path / "tiny.json").write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "sntfx", "study", "--model",
+                          "sntfx:cnn", "--data", "synthetic", "--methods", "adam,snt-linear", "--seeds", "0",
+                          "--no-onnx", "--config", str(tmp_path / "tiny.json"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [len(r["train"]["history"]) for r in results["runs"]] == [2, 2]
+    assert (out / "report.md").is_file()

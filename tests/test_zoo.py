@@ -6,8 +6,9 @@ to 1e-8 (the fold's algebra is exact); in float32 they agree to a norm-wise
 relative error of 1e-5, or within 16x the float32 evaluation noise of the
 expanded model itself for the few randomly initialised networks too
 ill-conditioned for 1e-5 to be meaningful (the failure message shows both).
-Expanded models estimated above ``zoo_check.BLOCKWISE_PARAMS`` are checked
-block by block on each block's own recorded input.
+Models whose expanded form exceeds ``zoo_check.BLOCKWISE_PARAMS`` (300M
+parameters, for memory) are checked block by block on each block's own
+recorded input; everything smaller is expanded, folded and compared whole.
 
 The full sweep is marked slow (`make test-slow`, run by CI); a small
 representative subset runs with `make test`.

@@ -1,6 +1,8 @@
-"""The demo: transform -> train -> fold -> verify, on scikit-learn's digits (no download).
+"""transform -> train -> fold -> verify with the Python API, on scikit-learn's digits (no download).
 
-    python examples/demo.py --out demo-results
+    python examples/train_and_fold.py --out train-and-fold
+
+(`make demo` runs the whole study instead: `sntfx study --preset quick`.)
 
 Trains a small CNN twice from the same initialisation and data order: plainly
 with Adam, and in its SNT-expanded form (the online fold keeps the step cheap);
@@ -44,7 +46,7 @@ class Progress:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="demo-results")
+    parser.add_argument("--out", default="train-and-fold")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--style", default="linear", choices=["linear", "branch", "qa-branch"])
     parser.add_argument("--ratio", type=int, default=4)
