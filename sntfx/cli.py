@@ -71,7 +71,7 @@ def _inputs_for(path_or_spec: str) -> list[str]:
 @cli.command()
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
-@click.option("--style", type=click.Choice(["linear", "branch", "qa-branch"]), default=None, help="Expansion style [linear].")
+@click.option("--style", type=click.Choice(["linear", "branch", "qa-branch"]), default=None, help="Expansion style [qa-branch].")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="Expansion ratio for 'linear' [4].")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.")
 @click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).")
@@ -886,12 +886,13 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     from .study import read_config_file
 
     overrides = read_config_file(config_file) if config_file else {}
-    overrides |= {"models": [m for spec in models for m in spec.split(",") if m] or None, "data": data_name,
+    given = {"models": [m for spec in models for m in spec.split(",") if m] or None, "data": data_name,
                  "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
                  "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
                  "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "onnx": onnx,
                  "provider": provider, "device": device}
-    config = preset_config(preset, {k: v for k, v in overrides.items() if v is not None})
+    overrides |= {k: v for k, v in given.items() if v is not None}  # the command line wins over the file
+    config = preset_config(preset, overrides)
     if out_dir.exists() and not out_dir.is_dir():
         raise SntfxError(f"--out '{out_dir}' is a file; give a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "study.json").exists():

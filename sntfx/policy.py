@@ -75,7 +75,7 @@ class Policy:
         rules: per-layer overrides, first match wins.
     """
 
-    style: str = "linear"
+    style: str = "qa-branch"
     ratio: int = 4
     types: tuple[str, ...] = LAYER_TYPES
     include: tuple[str, ...] = ("*",)

@@ -94,7 +94,7 @@ def test_reused_layer_becomes_one_shared_block_and_tied_weights_are_skipped():
 def test_functional_convolution_is_skipped_and_reported():
     x = torch.randn(1, 3, 5, 5)
     gm = sntfx.trace(Functional().eval(), x)
-    _, rep = sntfx.transform(gm, x, report=True)
+    _, rep = sntfx.transform(gm, x, style="linear", report=True)
     assert rep.passes[0].stats["skip: functional conv"] == 1
     assert rep.passes[0].stats["expanded: linear"] == 1
 
@@ -132,7 +132,7 @@ def test_conv_subclasses_plain_ones_expand_custom_ones_are_traced_through():
     x = torch.randn(1, 3, 5, 5)
     net = Net()
     net.b = PlainConv(3, 3, 1)
-    snt, rep = sntfx.transform(sntfx.trace(net, x), x, report=True)
+    snt, rep = sntfx.transform(sntfx.trace(net, x), x, style="linear", report=True)
     # MyConv's own forward is traced through, leaving a functional conv behind.
     assert rep.passes[0].stats == {"skip: functional conv": 1, "expanded: linear": 1}
     assert isinstance(snt.get_submodule("b"), LinearExpansion)
@@ -155,7 +155,7 @@ def test_policy_selects_layers_and_sets_style_per_layer():
     assert stats == {"skip: first layer": 1, "skip: rule fc": 1, "expanded: qa-branch": 1, "expanded: linear": 1}
     assert isinstance(snt.get_submodule("dw"), BranchBlock) and snt.get_submodule("dw").qa
     assert isinstance(snt.get_submodule("conv1"), nn.Conv2d)
-    only_conv = sntfx.transform(gm, x, policy=Policy(types=("linear",), skip_last=False))
+    only_conv = sntfx.transform(gm, x, policy=Policy(style="linear", types=("linear",), skip_last=False))
     assert isinstance(only_conv.get_submodule("fc"), LinearExpansion)
     assert isinstance(only_conv.get_submodule("conv2"), nn.Conv2d)
 
