@@ -1,6 +1,8 @@
 """The ``sntfx`` command line. The CLI alone writes to the console.
 
-Commands: ``transform``, ``fold``, ``inspect``. Every command that writes a
+Commands: ``study`` (the whole experiment), ``transform``, ``passes``,
+``fold``, ``inspect``, ``train``, ``sharpness``, ``prune``, ``quantize``,
+``sweep``, ``export``, ``bench``. Every command that writes a
 file writes it atomically and never over one of its inputs; on bad input it
 prints one paragraph saying what is wrong and how to fix it, and exits 2.
 """

@@ -366,10 +366,13 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
             ax.plot(epochs[:n], arr.mean(0), marker="o", ms=3, color=f"C{i}", label=m)
             if len(hist) > 1:
                 ax.fill_between(epochs[:n], arr.min(0), arr.max(0), color=f"C{i}", alpha=0.15, lw=0)
+    from matplotlib.ticker import MaxNLocator
+
     axes[0].set_ylabel("training loss")
     axes[1].set_ylabel("test accuracy (%)")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{model}: training curves (expanded models during training; band: seeds' range)")
