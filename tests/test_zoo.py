@@ -16,6 +16,8 @@ representative subset runs with `make test`.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torchvision
@@ -37,6 +39,14 @@ TIMM = [
 ]
 FAST_TORCHVISION = ["resnet18", "mobilenet_v3_small", "squeezenet1_1", "regnet_x_400mf"]
 FAST_TIMM = ["vit_tiny_patch16_224"]
+
+
+@pytest.fixture(autouse=True)
+def _free_models_between_tests():
+    """GraphModules hold reference cycles, so a finished check's tensors wait for the cyclic
+    collector; over the sweep several multi-GB models piled up (19 GB peak). Collect after each."""
+    yield
+    gc.collect()
 
 
 def _input(size):
