@@ -889,10 +889,10 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
 
     overrides = read_config_file(config_file) if config_file else {}
     given = {"models": [m for spec in models for m in spec.split(",") if m] or None, "data": data_name,
-                 "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
-                 "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
-                 "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "onnx": onnx,
-                 "provider": provider, "device": device}
+             "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
+             "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
+             "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "onnx": onnx,
+             "provider": provider, "device": device}
     overrides |= {k: v for k, v in given.items() if v is not None}  # the command line wins over the file
     config = preset_config(preset, overrides)
     if out_dir.exists() and not out_dir.is_dir():
@@ -912,9 +912,9 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     else:
         runner.run()
         return
-    done = len(runner.executed)
-    if done < 4 * len(runner.runs()):
-        console.print(f"resumed: {4 * len(runner.runs()) - done} finished stage(s) kept from an earlier run")
+    planned = (4 if config.onnx else 3) * len(runner.runs())
+    if len(runner.executed) < planned:
+        console.print(f"resumed: {planned - len(runner.executed)} finished stage(s) kept from an earlier run")
     _print_study_summary(results)
     console.print(f"report: [bold]{out_dir / 'report.md'}[/]  (plots in {out_dir / 'plots'}, "
                   f"every number in {out_dir / 'results.json'})")

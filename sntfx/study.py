@@ -344,7 +344,12 @@ class Run:
 
 
 class Study:
-    """Plan, run and report a study into ``out``; see the module docstring."""
+    """Plan, run and report a study into ``out``; see the module docstring.
+
+    ``progress`` receives the study's progress (the CLI draws a bar with it);
+    ``stop_after(run, stage)`` returning True interrupts the study right after
+    that stage is stored (for tests and for splitting a study across jobs).
+    """
 
     def __init__(self, config: StudyConfig, out: str | Path, *, progress: StudyProgress | None = None,
                  stop_after: Callable[[Run, str], bool] | None = None):
