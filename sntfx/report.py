@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write
+from .study import slug
 
 __all__ = ["write_report", "verdict", "short_verdict"]
 
 log = logging.getLogger(__name__)
 
 PLOTS = ("accuracy_vs_sparsity", "accuracy_vs_bits", "sharpness", "landscape", "training_curves")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text.replace(":", "-")).strip("_")
 
 
 def _pct(s: dict | None, signed: bool = False) -> str:
@@ -264,12 +261,29 @@ def _band(ax, xs, stats_list, label, **kw):
     ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.18, lw=0)
 
 
+def _seed_band(ax, xs, arr, i: int, label: str, **kw) -> None:
+    """Mean over seeds (rows of ``arr``) as a line, their range as a band."""
+    ax.plot(xs, arr.mean(0), color=f"C{i}", label=label, **kw)
+    if len(arr) > 1:
+        ax.fill_between(xs, arr.min(0), arr.max(0), color=f"C{i}", alpha=0.15, lw=0)
+
+
+def _uncompressed(m: dict):
+    """The float accuracy the sweeps start from (measured on the sweep's images when there is one)."""
+    return m.get("sweep:float") or m.get("float")
+
+
 def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict[str, Path]:
     plt = _plt()
     metrics = summary["metrics"]
     methods = _methods(summary)
-    prefix = _slug(model)
+    prefix = slug(model)
     paths: dict[str, Path] = {}
+
+    def emit(name: str, fig) -> None:
+        fig.tight_layout()
+        paths[name] = plot_dir / f"{prefix}-{name}.png"
+        _save(fig, paths[name])
 
     # accuracy vs sparsity: unstructured and channel side by side
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
@@ -278,24 +292,21 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
         keys = _settings(metrics, key)
         xs = [0.0] + [float(k.split(":")[1]) for k in keys]
         for m in methods:
-            _band(ax, xs, [metrics[m].get("sweep:float") or metrics[m].get("float")] + [metrics[m].get(k) for k in keys],
-                  m)
+            _band(ax, xs, [_uncompressed(metrics[m])] + [metrics[m].get(k) for k in keys], m)
         ax.set_xlabel("sparsity")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{model}: accuracy under pruning (mean ± std over seeds)")
-    fig.tight_layout()
-    paths["accuracy_vs_sparsity"] = plot_dir / f"{prefix}-accuracy_vs_sparsity.png"
-    _save(fig, paths["accuracy_vs_sparsity"])
+    emit("accuracy_vs_sparsity", fig)
 
     # accuracy vs weight bits (float drawn at 32)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     bit_keys = [k for k in _bit_keys(metrics) if "A" not in k]
     xs = [32] + [int(k[1:]) for k in bit_keys]
     for m in methods:
-        _band(ax, xs, [metrics[m].get("sweep:float") or metrics[m].get("float")] + [metrics[m].get(k) for k in bit_keys], m)
+        _band(ax, xs, [_uncompressed(metrics[m])] + [metrics[m].get(k) for k in bit_keys], m)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs)
     ax.set_xticklabels(["fp32"] + [str(x) for x in xs[1:]])
@@ -305,9 +316,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
     ax.set_title(f"{model}: accuracy under quantization")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["accuracy_vs_bits"] = plot_dir / f"{prefix}-accuracy_vs_bits.png"
-    _save(fig, paths["accuracy_vs_bits"])
+    emit("accuracy_vs_bits", fig)
 
     # sharpness bars
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
@@ -324,9 +333,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{model}: sharpness of the folded models (lower is flatter)")
-    fig.tight_layout()
-    paths["sharpness"] = plot_dir / f"{prefix}-sharpness.png"
-    _save(fig, paths["sharpness"])
+    emit("sharpness", fig)
 
     runs = [r for r in results["runs"] if r["model"] == model]
 
@@ -338,19 +345,14 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
         curves = [r["evaluate"]["landscape"] for r in runs if r["method"] == m and "evaluate" in r]
         if not curves:
             continue
-        losses = np.array([c["losses"] for c in curves])
-        ax.plot(curves[0]["alphas"], losses.mean(0), color=f"C{i}", label=m)
-        if len(curves) > 1:
-            ax.fill_between(curves[0]["alphas"], losses.min(0), losses.max(0), color=f"C{i}", alpha=0.15, lw=0)
+        _seed_band(ax, curves[0]["alphas"], np.array([c["losses"] for c in curves]), i, m)
     ax.set_yscale("log")
     ax.set_xlabel("step along a filter-normalised random direction")
     ax.set_ylabel("training loss")
     ax.set_title(f"{model}: 1-D loss landscape (band: seeds' range)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths["landscape"] = plot_dir / f"{prefix}-landscape.png"
-    _save(fig, paths["landscape"])
+    emit("landscape", fig)
 
     # training curves: train loss and test accuracy per epoch
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
@@ -363,9 +365,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
         loss = np.array([[e["train_loss"] for e in h[:n]] for h in hist])
         acc = np.array([[100 * e["test_accuracy"] for e in h[:n]] for h in hist])
         for ax, arr in ((axes[0], loss), (axes[1], acc)):
-            ax.plot(epochs[:n], arr.mean(0), marker="o", ms=3, color=f"C{i}", label=m)
-            if len(hist) > 1:
-                ax.fill_between(epochs[:n], arr.min(0), arr.max(0), color=f"C{i}", alpha=0.15, lw=0)
+            _seed_band(ax, epochs[:n], arr, i, m, marker="o", ms=3)
     from matplotlib.ticker import MaxNLocator
 
     axes[0].set_ylabel("training loss")
@@ -376,7 +376,5 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{model}: training curves (expanded models during training; band: seeds' range)")
-    fig.tight_layout()
-    paths["training_curves"] = plot_dir / f"{prefix}-training_curves.png"
-    _save(fig, paths["training_curves"])
+    emit("training_curves", fig)
     return paths

@@ -208,7 +208,6 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if not self.models:
             raise SntfxError("a study needs at least one model (--model)")
-        parse_methods(self.methods)
         self.methods = [m.name for m in parse_methods(self.methods)]
         self.seeds = parse_seeds(self.seeds)
         if self.epochs < 1 or self.batch_size < 1:
@@ -233,14 +232,17 @@ class StudyConfig:
     def method_objects(self) -> list[Method]:
         return parse_methods(self.methods)
 
+    @property
+    def sweep_settings(self) -> int:
+        """Accuracy measurements in one run's sweep (float + every compression setting)."""
+        return 1 + len(self.sparsities) + len(self.channel_sparsities) + len(self.bits) + len(self.act_bits)
+
 
 def _quick_data() -> str:
-    from .data import FASHION_MNIST_DIRS
+    from .data import FASHION_MNIST_DIRS, _find
 
-    for folder in FASHION_MNIST_DIRS:
-        if Path(folder, "train-images-idx3-ubyte.gz").exists() or Path(folder, "train-images-idx3-ubyte").exists():
-            return "fashion-mnist"
-    return "digits"
+    installed = any(_find(Path(folder), "train-images-idx3-ubyte") for folder in FASHION_MNIST_DIRS)
+    return "fashion-mnist" if installed else "digits"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -403,11 +405,10 @@ class Study:
         steps = self._steps_per_epoch() * c.epochs
         n_eval = min(len(self.data.test), c.eval_images or len(self.data.test))
         eval_steps = n_eval / c.batch_size / 3  # a forward pass is about a third of a training step
-        settings = 1 + len(c.sparsities) + len(c.channel_sparsities) + len(c.bits) + len(c.act_bits)
         return {"train": steps * run.method.step_cost,
                 "evaluate": eval_steps + c.sharpness_batches * (2 * c.sharpness_iters + 2 * c.trace_samples
                                                                + c.landscape_steps / 3),
-                "sweep": settings * eval_steps * 1.5,
+                "sweep": c.sweep_settings * eval_steps * 1.5,
                 "onnx": (2 * eval_steps + 20) if c.onnx else 0.0}
 
     # -- run -------------------------------------------------------------------------
@@ -588,7 +589,7 @@ class Study:
 
         c = self.config
         gm = self._load(run)
-        n = 1 + len(c.sparsities) + len(c.channel_sparsities) + len(c.bits) + len(c.act_bits)
+        n = c.sweep_settings
         result = sweep(gm, self.data, sparsities=c.sparsities, channel_sparsities=c.channel_sparsities, bits=c.bits,
                        act_bits=[tuple(p) for p in c.act_bits], limit=self._eval_batches(),
                        progress=lambda label: tick(1.0 / n))
