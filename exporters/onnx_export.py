@@ -86,7 +86,12 @@ def _session(path: str | Path, providers=("CPUExecutionProvider",)):
 
 def verify_onnx(path: str | Path, model: nn.Module, inputs: tuple[torch.Tensor, ...], *, rtol: float = 1e-4,
                 min_top1: float = 1.0) -> dict[str, Any]:
-    """Run ``path`` on ONNX Runtime and compare with ``model`` (eval mode) on ``inputs``."""
+    """Run ``path`` on ONNX Runtime and compare with ``model`` (eval mode) on ``inputs``.
+
+    Every sample of ``inputs`` is checked: a model exported with a fixed batch
+    size runs them in batches of that size (the last one padded with copies
+    of its first sample, whose outputs are dropped).
+    """
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -94,8 +99,21 @@ def verify_onnx(path: str | Path, model: nn.Module, inputs: tuple[torch.Tensor, 
     model.train(was)
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     sess = _session(path)
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    outs = sess.run(None, feeds)
+    names = [i.name for i in sess.get_inputs()]
+    batch = sess.get_inputs()[0].shape[0]
+    n = int(inputs[0].shape[0])
+    if not isinstance(batch, int) or batch <= 0 or batch == n:
+        outs = sess.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)})
+    else:
+        chunks = []
+        for start in range(0, n, batch):
+            part = [t[start:start + batch] for t in inputs]
+            short = batch - part[0].shape[0]
+            if short:
+                part = [torch.cat([p, p[:1].expand(short, *p.shape[1:])]) for p in part]
+            got = sess.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, part)})
+            chunks.append([o[: batch - short] for o in got])
+        outs = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
     if len(outs) != len(refs):
         return {"ok": False, "reason": f"ONNX model has {len(outs)} outputs, torch {len(refs)}"}
     worst: dict[str, Any] = {"max_abs": 0.0, "rel": 0.0}
@@ -192,17 +210,13 @@ def export_onnx(
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sntfx-export-") as tmp:
         tmp_path = Path(tmp) / path.name
         exporter, fallback = _export(model, inputs, tmp_path, opset, dynamic_batch)
-        simplified = False
-        if simplify:
-            simplified = _simplify(tmp_path)
+        simplified = _simplify(tmp_path) if simplify else False
         try:
             onnx.checker.check_model(str(tmp_path), full_check=True)
         except Exception as exc:  # noqa: BLE001
             raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
         vin = verify_inputs if verify_inputs is not None else inputs
         vin = (vin,) if isinstance(vin, torch.Tensor) else tuple(vin)
-        if not dynamic_batch and vin[0].shape[0] != inputs[0].shape[0]:
-            vin = tuple(t[: inputs[0].shape[0]] for t in vin)
         verification = verify_onnx(tmp_path, model, vin, rtol=rtol, min_top1=min_top1)
         if not verification["ok"]:
             raise ExportError(f"the ONNX model disagrees with torch: {verification.get('reason')}; nothing was written")
@@ -215,13 +229,14 @@ def export_onnx(
 
 
 def _simplify(path: Path) -> bool:
-    """onnxscript's optimizer (constant folding, dead code removal); False if unavailable."""
-    try:
-        import onnx
-        import onnxscript.optimizer
-    except ImportError:  # pragma: no cover - onnxscript is a dependency
-        return False
+    """onnxscript's optimizer (constant folding, dead code removal); True only if it changed the graph."""
+    import onnx
+    import onnxscript.optimizer
+
     model = onnx.load(str(path))
+    before = model.graph.SerializeToString(deterministic=True)
     optimized = onnxscript.optimizer.optimize(model)
+    if optimized.graph.SerializeToString(deterministic=True) == before:
+        return False
     onnx.save(optimized, str(path))
     return True

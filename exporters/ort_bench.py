@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BenchResult", "bench_onnx", "resolve_providers", "PROVIDERS", "onnx_accuracy"]
+from .onnx_export import ExportError
+
+__all__ = ["BenchResult", "bench_onnx", "resolve_providers", "PROVIDERS", "onnx_accuracy", "check_onnx_model"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,11 @@ def resolve_providers(provider: str) -> list[str]:
     return chosen + [PROVIDERS["cpu"]]
 
 
+def check_onnx_model(path: str | Path) -> None:
+    """Raise :class:`ExportError` unless ONNX Runtime can load ``path`` (on the CPU)."""
+    _session(path, [PROVIDERS["cpu"]])
+
+
 def _session(path, providers, profile_prefix: str | None = None):
     import onnxruntime as ort
 
@@ -95,7 +102,14 @@ def _session(path, providers, profile_prefix: str | None = None):
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    if not Path(path).is_file():
+        raise ExportError(f"'{path}' does not exist; give an .onnx file (e.g. from `sntfx export`)")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"'{path}' is not an ONNX model that ONNX Runtime can load ({first}); give an .onnx "
+                          "file written by `sntfx export` (a .pt model is exported first)") from exc
 
 
 def _input_shape(meta, batch: int) -> list[int]:
@@ -221,7 +235,11 @@ def onnx_accuracy(path: str | Path, dataset, *, provider: str = "cpu", batch_siz
         items = [dataset[i] for i in range(start, min(start + bs, n))]
         x = np.stack([np.asarray(it[0], dtype=np.float32) for it in items])
         y = np.array([int(it[1]) for it in items])
-        out = sess.run(None, {inp.name: x})[0]
+        try:
+            out = sess.run(None, {inp.name: x})[0]
+        except Exception as exc:  # noqa: BLE001 - a shape or type mismatch between model and data
+            raise ExportError(f"'{path}' does not take this dataset's images: the model expects {inp.shape}, the "
+                              f"images are {list(x.shape)}; measure it on the dataset it was exported for") from exc
         correct += int((out.argmax(1) == y).sum())
         total += len(y)
     return correct / max(total, 1)

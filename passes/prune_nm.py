@@ -42,6 +42,17 @@ class NMPrune(Pass):
         self.n, self.m = n, m
         self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
 
+    @staticmethod
+    def parse_pattern(text: str) -> tuple[int, int]:
+        """``"2:4"`` -> ``(2, 4)``; ValueError naming the expected form otherwise."""
+        parts = str(text).split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"an N:M pattern is two integers with a colon, e.g. 2:4 or 4:8; got {text!r}")
+        n, m = (int(p) for p in parts)
+        if n < 1 or m < 2 or n >= m:
+            raise ValueError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
+        return n, m
+
     @property
     def numerics(self) -> Numerics:
         return Numerics.CHANGES

@@ -21,6 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from . import __version__
+from .blocks import STYLES
 from .errors import SntfxError
 
 console = Console()
@@ -29,8 +30,14 @@ err_console = Console(stderr=True)
 __all__ = ["main", "cli"]
 
 
+def _one_paragraph(message: str) -> str:
+    return " ".join(line.strip() for line in str(message).strip().splitlines() if line.strip())
+
+
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(_one_paragraph(message))}", highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
@@ -43,13 +50,114 @@ def handle_errors(fn):
             return fn(*args, **kwargs)
         except SntfxError as exc:
             _fail(str(exc))
-        except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             _fail(f"{exc.strerror or exc}: '{exc.filename}'")
 
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class SntfxGroup(click.Group):
+    """The command group: usage errors as one paragraph (exit 2), unexpected errors without a traceback.
+
+    Click's own usage errors (bad types, out-of-range values, missing files)
+    become the same ``error: ...`` paragraph as sntfx's errors. An exception
+    sntfx did not anticipate is a bug: it is reported in one line with exit
+    status 1, and ``-vv`` shows its traceback.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        verbose = sum(a in ("-vv", "-vvv") or a == "--verbose" for a in (args if args is not None else sys.argv[1:]))
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            _fail(exc.format_message() + hint)
+        except click.exceptions.Abort:
+            err_console.print("aborted")
+            sys.exit(130)
+        except click.exceptions.ClickException as exc:
+            _fail(exc.format_message())
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback on the console
+            from rich.markup import escape
+
+            if verbose:
+                raise
+            err_console.print(
+                f"[bold red]internal error:[/] {type(exc).__name__}: {escape(_one_paragraph(exc)[:500])}. This is a bug in "
+                "sntfx; please report it with the command you ran (add -vv to see the traceback).",
+                highlight=False, soft_wrap=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that must be finite, optionally within bounds."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        low_bad = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        high_bad = self.high is not None and (number >= self.high if self.high_open else number > self.high)
+        if low_bad or high_bad:
+            left = "(" if self.low_open else "["
+            right = ")" if self.high_open else "]"
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            self.fail(f"{number:g} is not in {left}{lo}, {hi}{right}", param, ctx)
+        return number
+
+
+POSITIVE = FiniteFloat(0, low_open=True)
+NON_NEGATIVE = FiniteFloat(0)
+FRACTION = FiniteFloat(0, 1, high_open=True)
+
+
+def _given(name: str) -> bool:
+    """Whether the user set option ``name`` (on the command line or by environment), not its default."""
+    from click.core import ParameterSource
+
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def _only_with(names: list[str], condition: bool, needs: str) -> None:
+    """Refuse options that would be silently ignored unless ``condition`` holds."""
+    ctx = click.get_current_context()
+    unused = [n for n in names if _given(n)]
+    if unused and not condition:
+        opts = ", ".join(next(p.opts[0] for p in ctx.command.params if p.name == n) for n in unused)
+        raise SntfxError(f"{opts} only appl{'ies' if len(unused) == 1 else 'y'} with {needs}, so "
+                         f"{'it' if len(unused) == 1 else 'they'} would be ignored here: drop "
+                         f"{'it' if len(unused) == 1 else 'them'} or add {needs}")
+
+
+def trust_options(fn):
+    """--trust-source and --model-file for commands that read a saved model."""
+    fn = click.option("--trust-source", is_flag=True,
+                      help="Rebuild a model whose file names Python code (a model.py or module) although it was "
+                           "not saved by you on this machine: importing runs that code.")(fn)
+    fn = click.option("--model-file", "source_file", default=None, type=click.Path(exists=True, dir_okay=False),
+                      help="Rebuild from this model.py instead of the recorded one (naming it trusts it).")(fn)
+    return fn
+
+
+@click.group(cls=SntfxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sntfx")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def cli(verbose: int) -> None:
@@ -63,7 +171,13 @@ def cli(verbose: int) -> None:
 def _model_spec(model: str, entry: str | None, kwargs: str | None):
     from .models import ModelSpec
 
-    return ModelSpec.parse(model, entry=entry, kwargs=_json_kwargs(kwargs))
+    spec = ModelSpec.parse(model, entry=entry, kwargs=_json_kwargs(kwargs))
+    if entry is not None and not spec.runs_code:
+        raise SntfxError(f"--entry names a factory in a model.py or module; '{model}' is a {spec.kind} model, so it "
+                         "would be ignored: drop --entry")
+    if entry is not None and not entry.isidentifier():
+        raise SntfxError(f"--entry must be a Python name (the factory function in the model file), got {entry!r}")
+    return spec
 
 
 def _inputs_for(path_or_spec: str) -> list[str]:
@@ -73,7 +187,7 @@ def _inputs_for(path_or_spec: str) -> list[str]:
 @cli.command()
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
-@click.option("--style", type=click.Choice(["linear", "branch", "qa-branch"]), default=None, help="Expansion style [qa-branch].")
+@click.option("--style", type=click.Choice(STYLES), default=None, help="Expansion style [qa-branch].")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="Expansion ratio for 'linear' [4].")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.")
 @click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).")
@@ -96,6 +210,9 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     from .tracing import sntfx_meta
 
     out_path = check_output_path(out, _inputs_for(model) + ([policy] if policy else []))
+    if ratio is not None and not policy and (style or "qa-branch") != "linear":
+        raise SntfxError(f"--ratio sets the expansion ratio of the 'linear' style; the '{style or 'qa-branch'}' "
+                         "style has none, so it would be ignored: add --style linear or drop --ratio")
     spec = _model_spec(model, entry, kwargs)
     inputs = spec.example_inputs(parse_input_shape(input_shape) if input_shape else None)
     if pipeline and (style or ratio or policy or preserve):
@@ -148,9 +265,9 @@ def list_passes():
 @click.argument("model_file", metavar="SNT_MODEL", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--batchnorm", is_flag=True, help="Also fold the model's own BatchNorms into the layers before them.")
-@click.option("--model-file", "source_file", default=None, help="Rebuild from this model.py instead of the recorded one.")
+@trust_options
 @handle_errors
-def fold(model_file, out, batchnorm, source_file):
+def fold(model_file, out, batchnorm, source_file, trust_source):
     """Fold every SNT block of SNT_MODEL back into its original layer, exactly."""
     from .api import fold as do_fold
     from .io import check_output_path
@@ -158,7 +275,7 @@ def fold(model_file, out, batchnorm, source_file):
 
     out_path = check_output_path(out, [model_file])
     with console.status(f"loading {model_file} ..."):
-        gm = load(model_file, model_file=source_file)
+        gm = load(model_file, model_file=source_file, trust_source=trust_source)
     gm, report = do_fold(gm, batchnorm=batchnorm, report=True, inplace=True)
     _print_pass_report(report)
     info = report.passes[0].info
@@ -174,22 +291,27 @@ def fold(model_file, out, batchnorm, source_file):
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--model-file", "source_file", default=None, help="Rebuild from this model.py instead of the recorded one.")
+@trust_options
 @click.option("--quant", "quant_bits", type=click.IntRange(2, 8), default=None, metavar="BITS",
               help="Quantization-readiness report at BITS-bit weights (folded models).")
 @click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False))
 @handle_errors
-def inspect(file, source_file, quant_bits, data_name, data_dir):
+def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
     """Show the layers of FILE: expansion, parameters and MACs before/after folding.
 
     FILE is a saved sntfx model, or a model spec (model.py, torchvision:NAME, ...).
     """
     from .serialization import load, read_recipe
     from .summary import layer_summary
+    from .workflow import is_model_file
 
-    if Path(file).suffix == ".pt" or Path(file).is_file() and not file.endswith(".py"):
-        gm = load(file, model_file=source_file)
+    _only_with(["data_name"], quant_bits is not None, "--quant BITS")
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
+    saved = is_model_file(file)
+    _only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
+    if saved:
+        gm = load(file, model_file=source_file, trust_source=trust_source)
         recipe = read_recipe(file)
         source = recipe["source"]
         pipeline = ",".join(p["name"] for p in recipe["pipeline"]) or "(none)"
@@ -246,6 +368,15 @@ class _TrainProgress:
             f"{test}  {record['samples_per_s']:.0f} samples/s  {record['seconds']:.1f}s", highlight=False)
 
 
+def _world_size() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
 def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -257,19 +388,19 @@ def _progress():
 @cli.command()
 @click.argument("model")
 @click.option("--data", "data_name", required=True, help="digits, fashion-mnist, cifar10, cifar100, synthetic, or an ImageFolder dir.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False), help="Where the dataset's files are.")
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd", "sam"]), default="adam", show_default=True)
 @click.option("--sam-base", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True, help="Optimizer SAM wraps.")
-@click.option("--rho", type=float, default=0.05, show_default=True, help="SAM neighbourhood radius.")
+@click.option("--rho", type=POSITIVE, default=0.05, show_default=True, help="SAM neighbourhood radius.")
 @click.option("--adaptive", is_flag=True, help="Adaptive SAM (ASAM).")
-@click.option("--lr", type=float, default=None, help="Learning rate [1e-3 adam, 0.1 sgd].")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--lr", type=POSITIVE, default=None, help="Learning rate [1e-3 adam, 0.1 sgd].")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=0.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Global batch size.")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--warmup-epochs", type=NON_NEGATIVE, default=0.0, show_default=True)
+@click.option("--label-smoothing", type=FRACTION, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
 @click.option("--no-online-fold", is_flag=True, help="Run LinearExpansion blocks layer by layer (slower).")
@@ -282,10 +413,11 @@ def _progress():
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
 @click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.")
 @click.option("--entry", default=None, help="Factory name in model.py.")
+@trust_options
 @handle_errors
 def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, adaptive, lr, weight_decay, batch_size,
           schedule, warmup_epochs, label_smoothing, seed, amp, no_online_fold, checkpoint_every, limit_batches,
-          deterministic, sync_bn, workers, device, resume, kwargs, entry):
+          deterministic, sync_bn, workers, device, resume, kwargs, entry, source_file, trust_source):
     """Train MODEL (a file from `sntfx transform`, or a model spec for the baselines).
 
     Launch with torchrun for DistributedDataParallel:
@@ -295,9 +427,16 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     from .io import check_output_path
     from .serialization import save
     from .train import Trainer, TrainConfig, _dist_info, init_distributed, resolve_device
-    from .workflow import model_for_data
+    from .workflow import is_model_file, model_for_data
 
     out_path = check_output_path(out, [model] + ([data_name] if Path(data_name).exists() else []))
+    _only_with(["sam_base", "rho", "adaptive"], optimizer == "sam", "--optimizer sam")
+    saved = is_model_file(model)
+    _only_with(["kwargs", "entry"], not saved, "a model spec (they are fixed in a saved model file)")
+    _only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
+    _only_with(["sync_bn"], _world_size() > 1, "several processes (torchrun --nproc_per_node=N)")
+    if warmup_epochs >= epochs:
+        raise SntfxError(f"--warmup-epochs ({warmup_epochs:g}) must be shorter than training (--epochs {epochs})")
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, sam_base=sam_base, lr=lr,
                          weight_decay=weight_decay, rho=rho, adaptive=adaptive, schedule=schedule,
                          warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, seed=seed, amp=amp,
@@ -310,7 +449,8 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     import torch
 
     torch.manual_seed(seed)  # the same initial weights in every process and every run with this seed
-    gm = model_for_data(model, data.info, kwargs=_json_kwargs(kwargs), entry=entry)
+    gm = model_for_data(model, data.info, kwargs=_json_kwargs(kwargs), entry=entry, model_file=source_file,
+                        trust_source=trust_source)
     with _progress() as progress:
         result = Trainer(config, _TrainProgress(progress, rank)).fit(gm, data, out_path, resume=resume)
     if rank == 0:
@@ -324,18 +464,20 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", "data_name", required=True, help="Dataset the models were trained on.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="Training batches to measure on.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--rho", type=float, default=0.05, show_default=True, help="Radius for SAM sharpness.")
+@click.option("--rho", type=POSITIVE, default=0.05, show_default=True, help="Radius for SAM sharpness.")
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True, help="Power iterations.")
 @click.option("--trace-samples", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--landscape", type=click.Choice(["none", "1d", "2d"]), default="1d", show_default=True)
 @click.option("--out", "-o", default="sharpness.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; plots are written beside it as PNG.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@trust_options
 @handle_errors
-def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trace_samples, landscape, out, seed):
+def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trace_samples, landscape, out, seed,
+              source_file, trust_source):
     """Measure the sharpness of trained MODELS (folded first, so all share one architecture)."""
     from .api import fold as do_fold
     from .blocks import SNTBlock
@@ -345,14 +487,17 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
     from .serialization import load
 
     out_path = check_output_path(out, list(models))
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
+    loaded = {}
+    for name, path in zip(_unique_names(models), models):  # every file is checked before any measuring starts
+        gm = load(path, model_file=source_file, trust_source=trust_source)
+        if any(isinstance(m, SNTBlock) for m in gm.modules()):
+            gm = do_fold(gm, inplace=True)
+        loaded[name] = gm
     data = load_data(data_name, data_dir=data_dir, seed=seed)
     fixed = fixed_batches(data.train, batches=batches, batch_size=batch_size, seed=seed)
     results, curves1, curves2 = {}, {}, {}
-    for path in models:
-        gm = load(path)
-        if any(isinstance(m, SNTBlock) for m in gm.modules()):
-            gm = do_fold(gm, inplace=True)
-        name = Path(path).stem
+    for name, gm in loaded.items():
         with console.status(f"measuring {name} ..."):
             results[name] = sh.measure(gm, fixed, rho=rho, iters=iters, trace_samples=trace_samples, seed=seed)
             loss_fn = sh.batch_loss_fn(gm.eval(), fixed)
@@ -391,7 +536,7 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
 @click.option("--allow-expanded", is_flag=True, help="Export a model that still holds SNT blocks.")
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxscript's optimizer (verified too).")
 @click.option("--data", "data_name", default=None, help="Verify on (and calibrate int8 with) this dataset.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--int8", is_flag=True, help="Also write OUT.int8.onnx: static QDQ, int8 weights, uint8 activations.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
@@ -399,10 +544,10 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
               help="Top-1 agreement with the float model an int8 model must reach on the verification data.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
-@click.option("--model-file", "source_file", default=None, help="Rebuild from this model.py instead of the recorded one.")
+@trust_options
 @handle_errors
 def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
-           calib_batches, calib_method, min_agreement, verify_samples, report_path, source_file):
+           calib_batches, calib_method, min_agreement, verify_samples, report_path, source_file, trust_source):
     """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
     import os
     import tempfile
@@ -419,19 +564,27 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
     from .workflow import is_model_file
 
     out = check_output_path(onnx_path, [model])
+    report_out = check_output_path(report_path, [model, onnx_path]) if report_path else None
+    if int8:
+        check_output_path(out.with_name(out.stem + ".int8.onnx"), [model])
     if int8 and not data_name:
         raise SntfxError("--int8 needs --data to calibrate on, e.g. --data fashion-mnist")
+    _only_with(["calib_batches", "calib_method", "min_agreement"], int8, "--int8")
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
+    saved = is_model_file(model)
+    _only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
+    shape = parse_input_shape(input_shape) if input_shape else None
     data = load_data(data_name, data_dir=data_dir) if data_name else None
-    if is_model_file(model):
+    if saved:
         from .serialization import load
 
-        gm = load(model, model_file=source_file)
+        gm = load(model, model_file=source_file, trust_source=trust_source)
     else:
         from .api import trace
 
-        gm = trace(model, torch.zeros(parse_input_shape(input_shape)) if input_shape else None)
-    if input_shape:
-        example = (torch.randn(parse_input_shape(input_shape)),)
+        gm = trace(model, torch.zeros(shape) if shape else None)
+    if shape:
+        example = (torch.randn(shape),)
     elif data is not None:
         example = (torch.zeros(data.info.input_shape(1)),)
     else:
@@ -439,17 +592,19 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
         example = inputs_from_spec(spec) if spec else None
         if not example:
             raise SntfxError("cannot tell the input shape: pass --input-shape 1,3,H,W or --data NAME")
-    if data is not None:
-        n = verify_samples if dynamic_batch else example[0].shape[0]
-        verify = (torch.cat([x for x, _ in fixed_batches(data.test, batches=1, batch_size=n)]),)
+    if data is not None:  # every verification sample is checked, in batches when the batch size is fixed
+        verify = (torch.cat([x for x, _ in fixed_batches(data.test, batches=1, batch_size=verify_samples)]),)
     else:
-        verify = (torch.randn(8 if dynamic_batch else example[0].shape[0], *example[0].shape[1:]),)
+        gen = torch.Generator().manual_seed(0)
+        verify = (torch.randn(verify_samples, *example[0].shape[1:], generator=gen),)
     with console.status("exporting to ONNX ..."):
         report = export_onnx(gm, out, example, opset=opset, dynamic_batch=dynamic_batch,
                              allow_expanded=allow_expanded, simplify=simplify, verify_inputs=verify)
     v = report.verification
+    simplified = ("" if not simplify else ", simplified" if report.simplified
+                  else ", --simplify found nothing to simplify (the graph is unchanged)")
     console.print(f"exported with {report.exporter} (opset {opset}{', dynamic batch' if dynamic_batch else ''}"
-                  f"{', simplified' if report.simplified else ''}): {report.size_bytes / 1e6:.2f} MB; verified on "
+                  f"{simplified}): {report.size_bytes / 1e6:.2f} MB; verified on "
                   f"{v['samples']} {'real' if data else 'random'} inputs: max abs {v['max_abs']:.2e}, rel {v['rel']:.2e}"
                   + (f", top-1 agreement {v['top1_agreement']:.2%}" if "top1_agreement" in v else ""), highlight=False)
     if report.fallback_reason:
@@ -477,8 +632,8 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
                       highlight=False)
         payload["int8"] = {"path": str(int8_path), "verification": check, "calibration_batches": len(reader),
                            "calibration_method": calib_method}
-    if report_path:
-        atomic_write(Path(report_path), lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    if report_out:
+        atomic_write(report_out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     console.print(f"wrote [bold]{out}[/]")
 
 
@@ -489,7 +644,7 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
 @click.option("--data", "data_name", default=None, help="Also measure accuracy on this dataset's test split.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
 @handle_errors
 def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out):
@@ -505,6 +660,11 @@ def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out
     if not sizes or min(sizes) < 1:
         raise SntfxError("--batch-sizes must list positive integers, e.g. 1,8,32")
     out_path = check_output_path(out, list(models)) if out else None
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
+    from .exporters.ort_bench import check_onnx_model
+
+    for path in models:  # every file is checked before anything is measured
+        check_onnx_model(path)
     data = load_data(data_name, data_dir=data_dir) if data_name else None
     results = []
     for path in models:
@@ -542,11 +702,11 @@ def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out
         console.print(f"wrote [bold]{out_path}[/]")
 
 
-def _load_folded(path: str, source_file: str | None = None):
+def _load_folded(path: str, source_file: str | None = None, trust_source: bool = False):
     from .compress import ensure_folded
     from .serialization import load
 
-    gm = load(path, model_file=source_file)
+    gm = load(path, model_file=source_file, trust_source=trust_source)
     ensure_folded(gm, f"'{path}'")
     return gm
 
@@ -554,22 +714,27 @@ def _load_folded(path: str, source_file: str | None = None):
 @cli.command()
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
-@click.option("--sparsity", type=float, required=True, help="Fraction of zeros (unstructured) or of channels removed (structured).")
+@click.option("--sparsity", type=FRACTION, default=None,
+              help="Fraction of zeros (magnitude) or of channels removed (structured); not for nm.")
 @click.option("--method", type=click.Choice(["magnitude", "nm", "structured"]), default="magnitude", show_default=True)
-@click.option("--scope", type=click.Choice(["global", "layer"]), default="global", show_default=True)
-@click.option("--nm", "nm_pattern", default="2:4", show_default=True, help="N:M pattern for --method nm.")
-@click.option("--importance", type=click.Choice(["magnitude", "taylor", "lamp"]), default="magnitude", show_default=True)
+@click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
+              help="One ranking across layers, or the same fraction in each layer [global for magnitude, layer for "
+                   "structured].")
+@click.option("--nm", "nm_pattern", default=None, help="N:M pattern for --method nm [2:4].")
+@click.option("--importance", type=click.Choice(["magnitude", "taylor", "lamp"]), default=None,
+              help="Channel importance for --method structured [magnitude]; taylor needs --data.")
 @click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
 @click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
-@click.option("--exclude-last", is_flag=True, help="Keep the classifier dense.")
+@click.option("--exclude-last", is_flag=True, help="Keep the classifier dense (structured pruning always does).")
 @click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fine-tune after pruning with the zeros held fixed (needs --data).")
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
+@click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
+@trust_options
 @handle_errors
 def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to, exclude_first, exclude_last,
-          data_name, data_dir, finetune_epochs, lr):
+          data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
     """Prune a folded MODEL: magnitude (exact sparsity), N:M, or structured channels."""
     from .compress import accuracy, apply_pass
     from .data import load_data
@@ -578,21 +743,33 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
     from sntfx.passes import MagnitudePrune, NMPrune, StructuredPrune
 
     out_path = check_output_path(out, [model])
-    if not 0 <= sparsity < 1:
-        raise SntfxError(f"--sparsity must be in [0, 1), got {sparsity}")
+    _only_with(["nm_pattern"], method == "nm", "--method nm")
+    _only_with(["importance", "round_to"], method == "structured", "--method structured")
+    _only_with(["scope"], method != "nm", "--method magnitude or structured (N:M is per group of M weights)")
+    _only_with(["lr"], finetune_epochs > 0, "--finetune-epochs N")
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
+    if method == "nm" and sparsity is not None:
+        raise SntfxError("--method nm zeroes exactly N of every M weights (2:4 is 50%), so --sparsity does not apply: "
+                         "drop it and choose the pattern with --nm N:M")
+    if method != "nm" and sparsity is None:
+        raise SntfxError(f"--method {method} needs --sparsity, e.g. --sparsity 0.5")
     if finetune_epochs and not data_name:
         raise SntfxError("--finetune-epochs needs --data")
+    if importance == "taylor" and not data_name:
+        raise SntfxError("--importance taylor needs --data (it scores channels by gradients on labelled images)")
     try:
         if method == "magnitude":
-            p = MagnitudePrune(sparsity, scope=scope, exclude_first=exclude_first, exclude_last=exclude_last)
+            p = MagnitudePrune(sparsity, scope=scope or "global", exclude_first=exclude_first,
+                               exclude_last=exclude_last)
         elif method == "nm":
-            n, m = (int(v) for v in nm_pattern.split(":"))
+            n, m = NMPrune.parse_pattern(nm_pattern or "2:4")
             p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last)
         else:
-            p = StructuredPrune(sparsity, importance=importance, round_to=round_to, exclude_first=exclude_first)
+            p = StructuredPrune(sparsity, importance=importance or "magnitude", round_to=round_to,
+                                global_pruning=scope == "global", exclude_first=exclude_first)
     except ValueError as exc:
         raise SntfxError(str(exc)) from exc
-    gm = _load_folded(model)
+    gm = _load_folded(model, source_file, trust_source)
     data = load_data(data_name, data_dir=data_dir) if data_name else None
     before = accuracy(gm, data) if data else None
     with console.status("pruning ..."):
@@ -644,10 +821,12 @@ def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
 @click.option("--method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True, help="Weight clipping.")
 @click.option("--act-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True)
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--data", "data_name", default=None)
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.")
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@trust_options
 @handle_errors
-def quantize(model, out, wbits, abits, granularity, method, act_method, calib_batches, data_name, data_dir):
+def quantize(model, out, wbits, abits, granularity, method, act_method, calib_batches, data_name, data_dir,
+             source_file, trust_source):
     """Simulated post-training quantization of a folded MODEL (still a torch model)."""
     from .compress import accuracy, apply_pass
     from .data import load_data
@@ -659,10 +838,12 @@ def quantize(model, out, wbits, abits, granularity, method, act_method, calib_ba
     try:
         p = SimulatedQuantize(wbits=wbits, abits=abits, granularity=granularity, method=method, act_method=act_method)
     except ValueError as exc:
-        raise SntfxError(str(exc)) from exc
+        raise SntfxError(f"{exc} (--wbits / --abits)") from exc
+    _only_with(["act_method", "calib_batches"], abits is not None, "--abits BITS")
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
     if abits is not None and not data_name:
         raise SntfxError("--abits needs --data to calibrate the activation ranges on real images")
-    gm = _load_folded(model)
+    gm = _load_folded(model, source_file, trust_source)
     data = load_data(data_name, data_dir=data_dir) if data_name else None
     before = accuracy(gm, data) if data else None
     report = apply_pass(gm, p, data, calib_batches=calib_batches, inplace=True)
@@ -687,32 +868,31 @@ def quantize(model, out, wbits, abits, granularity, method, act_method, calib_ba
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
 @click.option("--data", "data_name", required=True)
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--sparsities", default="0.5,0.7,0.8,0.9", show_default=True)
 @click.option("--channel-sparsities", default="", help="Structured channel sparsities, e.g. 0.2,0.4.")
 @click.option("--bits", default="8,6,5,4,3", show_default=True)
 @click.option("--act-bits", default="8:8,4:8", show_default=True, help="W:A settings with calibrated activations.")
 @click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; PNG plots are written beside it.")
+@trust_options
 @handle_errors
-def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out):
+def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, source_file, trust_source):
     """Accuracy of folded MODELS under pruning and quantization, without fine-tuning, on one set of axes."""
+    from .compress import check_sweep_settings, parse_sweep_axis
     from .compress import sweep as run_sweep
     from .data import load_data
     from .io import atomic_write, check_output_path
 
     out_path = check_output_path(out, list(models))
-    try:
-        sp = [float(v) for v in sparsities.split(",") if v.strip()]
-        csp = [float(v) for v in channel_sparsities.split(",") if v.strip()]
-        bw = [int(v) for v in bits.split(",") if v.strip()]
-        ab = [tuple(int(x) for x in v.split(":")) for v in act_bits.split(",") if v.strip()]
-    except ValueError:
-        raise SntfxError("--sparsities/--bits/--act-bits must be comma-separated numbers (act bits as W:A)") from None
-    bad = [v for v in sp + csp if not 0 <= v < 1] + [b for b in bw if not 2 <= b <= 8]
-    if bad:
-        raise SntfxError(f"out of range: {bad} (sparsities in [0, 1), bits from 2 to 8)")
-    gms = {Path(m).stem: _load_folded(m) for m in models}
+    _only_with(["data_dir"], data_name is not None, "--data NAME")
+    sp = parse_sweep_axis(sparsities, "fraction", "--sparsities")
+    csp = parse_sweep_axis(channel_sparsities, "fraction", "--channel-sparsities")
+    bw = parse_sweep_axis(bits, "bits", "--bits")
+    ab = parse_sweep_axis(act_bits, "wa", "--act-bits")
+    check_sweep_settings(sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab)
+    names = _unique_names(models)
+    gms = {name: _load_folded(m, source_file, trust_source) for name, m in zip(names, models)}
     data = load_data(data_name, data_dir=data_dir)
     results = {}
     for name, gm in gms.items():
@@ -767,6 +947,15 @@ def _sweep_plots(results: dict, out_path: Path, dataset: str) -> list[str]:
         plt.close(fig)
         written.append(str(path))
     return written
+
+
+def _unique_names(paths) -> list[str]:
+    """Short names for result tables (file stems); two files with one stem are told apart by their folder."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(map(str, paths))) != len(paths):
+        raise SntfxError("the same model file is given twice; list each model once")
+    return [f"{Path(p).resolve().parent.name}_{Path(p).stem}" if stems.count(Path(p).stem) > 1 else Path(p).stem
+            for p in paths]
 
 
 def _json_kwargs(text: str | None) -> dict:
@@ -842,15 +1031,15 @@ def _study_progress():
 @click.option("--model", "models", multiple=True, help="Model spec (repeat, or separate with commas); "
               "default: the preset's, else sntfx:smallvgg.")
 @click.option("--data", "data_name", default=None, help="Dataset name or ImageFolder directory.")
-@click.option("--data-dir", default=None, type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--methods", default=None, help="Comma-separated: adam, sam, snt-STYLE[-xRATIO][-fresh][+sam].")
 @click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--lr", type=float, default=None)
+@click.option("--lr", type=POSITIVE, default=None)
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Base optimizer (SAM wraps it).")
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--rho", type=float, default=None, help="SAM radius.")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=None)
+@click.option("--rho", type=POSITIVE, default=None, help="SAM radius.")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="SNT expansion ratio (default 4).")
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="Training batches per epoch.")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None,
@@ -863,9 +1052,11 @@ def _study_progress():
                    "command-line options override it, and it overrides the preset.")
 @click.option("--out", "-o", default="study-results", show_default=True, type=click.Path(dir_okay=True, file_okay=False))
 @click.option("--report-only", is_flag=True, help="Redraw report.md and the plots from OUT/results.json.")
+@click.option("--trust-source", is_flag=True,
+              help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 @handle_errors
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, limit_batches, eval_images, onnx, provider, device, config_file, out, report_only):
+          ratio, limit_batches, eval_images, onnx, provider, device, config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
     Resumable: run the same command again and finished stages are kept.
@@ -877,6 +1068,12 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     out_dir = Path(out)
     if report_only:
         from .report import write_report
+
+        ctx = click.get_current_context()
+        extra = [p.opts[0] for p in ctx.command.params if p.name not in ("report_only", "out") and _given(p.name)]
+        if extra:
+            raise SntfxError(f"--report-only redraws the report from OUT/results.json, so {', '.join(extra)} would "
+                             "be ignored: drop them, or run the study without --report-only")
 
         path = out_dir / "results.json"
         if not path.is_file():
@@ -900,7 +1097,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "study.json").exists():
         raise SntfxError(f"--out '{out_dir}' exists and does not hold an sntfx study; choose a new or empty folder")
     rank = int(os.environ.get("RANK", "0"))
-    runner = Study(config, out_dir)
+    runner = Study(config, out_dir, trust_source=trust_source)
     runner.check()
     if rank == 0:
         console.print(f"[bold]sntfx study[/]: {', '.join(config.models)} on {config.data}; methods "

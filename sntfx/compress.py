@@ -24,7 +24,7 @@ from .pass_base import Pass, PassContext
 from .pass_manager import PassManager
 from .train import evaluate
 
-__all__ = ["apply_pass", "accuracy", "sweep", "ensure_folded"]
+__all__ = ["apply_pass", "accuracy", "sweep", "ensure_folded", "check_sweep_settings", "parse_sweep_axis"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,45 @@ def ensure_folded(gm: fx.GraphModule, what: str = "the model") -> None:
     if any(isinstance(m, SNTBlock) for m in gm.modules()):
         raise SntfxError(f"{what} is still in its expanded SNT form: fold it first (`sntfx fold MODEL --out FOLDED`); "
                          "compressing the expanded model would not carry over to the deployed one")
+
+
+def check_sweep_settings(*, sparsities: Sequence[float] = (), channel_sparsities: Sequence[float] = (),
+                         bits: Sequence[int] = (), act_bits: Sequence[Sequence[int]] = ()) -> None:
+    """Refuse a sweep setting the compression passes would refuse, before any work (the passes' own checks)."""
+    from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune
+
+    checks = [(f"sparsity {s!r}", lambda s=s: MagnitudePrune(s)) for s in sparsities]
+    checks += [(f"channel sparsity {s!r}", lambda s=s: StructuredPrune(s)) for s in channel_sparsities]
+    checks += [(f"weight bits {b!r}", lambda b=b: SimulatedQuantize(wbits=b)) for b in bits]
+    for pair in act_bits:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise SntfxError(f"an activation setting is a pair [weight bits, activation bits], e.g. [4, 8]; got {pair!r}")
+        checks.append((f"W{pair[0]}A{pair[1]}", lambda p=pair: SimulatedQuantize(wbits=p[0], abits=p[1])))
+    for what, make in checks:
+        try:
+            make()
+        except (ValueError, TypeError) as exc:
+            raise SntfxError(f"sweep setting {what}: {exc}") from exc
+
+
+def parse_sweep_axis(text: str, kind: str, option: str) -> list:
+    """Parse one comma-separated sweep axis: ``kind`` is ``fraction``, ``bits`` or ``wa`` (``W:A`` pairs)."""
+    values: list = []
+    for item in (v.strip() for v in str(text).split(",")):
+        if not item:
+            continue
+        try:
+            if kind == "fraction":
+                values.append(float(item))
+            elif kind == "bits":
+                values.append(int(item))
+            else:
+                w, a = item.split(":")
+                values.append((int(w), int(a)))
+        except ValueError:
+            example = {"fraction": "0.5,0.7,0.9", "bits": "8,6,4", "wa": "8:8,4:8"}[kind]
+            raise SntfxError(f"{option} takes a comma-separated list like {example}; {item!r} is not one") from None
+    return values
 
 
 def apply_pass(gm: fx.GraphModule, p: Pass, data: Data | None = None, *, calib_batches: int = 16,
@@ -64,6 +103,7 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
     """Accuracy of ``gm`` under each compression setting, without fine-tuning."""
     from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune
 
+    check_sweep_settings(sparsities=sparsities, channel_sparsities=channel_sparsities, bits=bits, act_bits=act_bits)
     ensure_folded(gm)
     tick = progress or (lambda label: None)
     result: dict[str, Any] = {"float": accuracy(gm, data, limit=limit), "sparsity": {}, "channel_sparsity": {},

@@ -16,6 +16,8 @@ __all__ = [
     "EquivalenceError",
     "PolicyError",
     "FileFormatError",
+    "UntrustedSourceError",
+    "DiskFullError",
 ]
 
 
@@ -64,3 +66,11 @@ class PolicyError(SntfxError):
 
 class FileFormatError(SntfxError):
     """A file is not an sntfx model file, or was modified after it was written."""
+
+
+class UntrustedSourceError(FileFormatError):
+    """A model file's recipe would import or run Python code the user has not trusted."""
+
+
+class DiskFullError(SntfxError):
+    """Writing a file failed for lack of space (disk full, quota, file-size limit); nothing was written."""

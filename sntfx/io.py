@@ -1,15 +1,41 @@
-"""File helpers: atomic writes and the never-overwrite-an-input rule."""
+"""File helpers: atomic writes and the never-overwrite-an-input rule.
+
+Every file sntfx writes goes through :func:`atomic_write`: the content is
+written to a temporary file in the destination folder, flushed to disk, given
+the permissions an ordinary ``open(path, "w")`` would (``0o666`` less the
+process umask), and renamed over the destination. A reader, or a process
+killed at any moment, sees the old file or the new one, never part of one. A
+full disk (or quota) becomes a :class:`~sntfx.errors.SntfxError` that names
+the file and leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .errors import SntfxError
+from .errors import DiskFullError, SntfxError
 
-__all__ = ["atomic_write", "check_output_path"]
+__all__ = ["atomic_write", "check_output_path", "current_umask"]
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # portable fallback: read by setting, then restore at once
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
@@ -26,23 +52,48 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return out
 
 
+def _is_disk_full(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # torch wraps OS errors in RuntimeError
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "Disk quota exceeded" in text or "File too large" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename the temporary file onto ``path``.
 
     The temporary file lives in the same folder (same file system, so the
     rename is atomic) and is removed if ``write`` fails: either the whole
-    file appears or nothing does.
+    file appears or nothing does. The file gets mode ``0o666 & ~umask``,
+    like any file the user creates.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        if _is_disk_full(exc):
+            raise DiskFullError(f"cannot write '{path}': no space left on its device; free some space or "
+                                "choose another output location") from exc
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and _is_disk_full(exc):
+            raise DiskFullError(f"cannot write '{path}': no space left on its device (or over a quota or file-size "
+                                "limit); nothing was written. Free some space or choose another output location"
+                                ) from exc
         raise
     return path

@@ -16,7 +16,11 @@ ever downloaded: zoo models are built with random weights.
 Rebuilding a file spec imports that Python file again, as the user did when
 they first built the model; the file's SHA-256 is recorded and checked, so a
 saved model never silently rebuilds from different code, and a saved file
-itself never carries code.
+itself never carries code. Because importing a file or module runs it, the
+``file`` and ``import`` kinds are *code sources* (:attr:`ModelSpec.runs_code`):
+:func:`sntfx.load` rebuilds them only when the user trusts the file (see
+:mod:`sntfx.serialization`). The zoo kinds build architectures only: their
+constructor arguments may not load or download weights.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ __all__ = ["ModelSpec", "FACTORY_NAMES", "parse_input_shape"]
 
 FACTORY_NAMES = ("build_model", "model", "get_model")
 KINDS = ("torchvision", "timm", "sntfx", "file", "import")
+CODE_KINDS = ("file", "import")  # rebuilding imports Python code, which runs it
+# Constructor arguments through which a zoo factory would read a file or download weights.
+WEIGHT_LOADING_KWARGS = frozenset({"pretrained", "weights", "weights_backbone", "checkpoint_path", "pretrained_cfg",
+                                   "pretrained_cfg_overlay", "cache_dir", "pretrained_strict"})
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -92,6 +100,11 @@ class ModelSpec:
             "timm:NAME, sntfx:NAME or package.module:factory"
         )
 
+    @property
+    def runs_code(self) -> bool:
+        """True when building this spec imports Python code (a model file or an importable module)."""
+        return self.kind in CODE_KINDS
+
     # -- (de)serialisation -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "entry": self.entry, "kwargs": self.kwargs, "sha256": self.sha256}
@@ -115,6 +128,14 @@ class ModelSpec:
     # -- building --------------------------------------------------------------
     def build(self, *, verify_hash: bool = True) -> nn.Module:
         """Construct the model (random weights; nothing is downloaded)."""
+        if self.kind not in CODE_KINDS:
+            loading = sorted(WEIGHT_LOADING_KWARGS & set(self.kwargs))
+            if loading:
+                raise ModelSpecError(
+                    f"constructor argument(s) {', '.join(loading)} of '{self}' would load or download weights; "
+                    "sntfx builds the architecture only (random weights, nothing downloaded): drop them and load "
+                    "your weights into the model yourself"
+                )
         if self.kind == "sntfx":
             factory = BUILTIN_MODELS.get(self.name)
             if factory is None:

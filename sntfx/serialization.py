@@ -13,7 +13,21 @@ with its parameters. :func:`load` rebuilds the architecture from the recipe
 (build, trace, replay the passes) and then loads the weights strictly. Only
 plain containers and tensors are unpickled; a file that is not ours, was
 truncated or edited gets a :class:`~sntfx.errors.FileFormatError`.
+
+Trust. Rebuilding from a ``sntfx:``, ``torchvision:`` or ``timm:`` source
+builds a known architecture and runs nothing from the file. A ``file`` or
+``import`` source would import Python code, which runs it, so :func:`load`
+refuses it (:class:`~sntfx.errors.UntrustedSourceError`, before anything is
+imported) unless one of these holds:
+
+* the caller trusts the file: ``trust_source=True`` (CLI ``--trust-source``),
+  the convention of ``trust_remote_code``;
+* the caller names the model file to rebuild from: ``model_file=PATH``
+  (CLI ``--model-file PATH``);
+* the file was saved by this user on this machine: it carries a valid
+  signature under the local key (:mod:`sntfx.signing`).
 """
+
 
 from __future__ import annotations
 
@@ -29,13 +43,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import FileFormatError, SntfxError
+from . import signing
+from .errors import FileFormatError, SntfxError, UntrustedSourceError
 from .io import atomic_write
 from .models import ModelSpec
 from .pass_base import PassContext, pass_from_spec
 from .tracing import inputs_from_spec, sntfx_meta, trace
 
-__all__ = ["save", "load", "read_recipe", "FORMAT", "VERSION", "library_versions"]
+__all__ = ["save", "load", "read_recipe", "check_trust", "FORMAT", "VERSION", "library_versions"]
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +120,22 @@ def save(model: nn.Module, path: str | Path, *, source: ModelSpec | str | None =
     except TypeError as exc:
         raise SntfxError(f"recipe is not JSON-serialisable ({exc}); pass only plain values in info=") from exc
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    digest = _digest(recipe_text, state)
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "recipe": recipe_text,
-        "digest": _digest(recipe_text, state),
+        "digest": digest,
         "state_dict": state,
     }
+    signature = signing.sign(digest)
+    if signature is not None:
+        payload["signature"] = signature
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """(recipe, weights, signed by this user's key); nothing from the recipe is imported or called."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"'{path}' does not exist")
@@ -145,32 +165,58 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         recipe = json.loads(recipe_text)
     except ValueError as exc:
         raise FileFormatError(f"'{path}' has an unreadable recipe: {exc}") from exc
+    if not isinstance(recipe, dict):
+        raise FileFormatError(f"'{path}' has a recipe that is not a JSON object")
     for key in ("source", "input_spec", "pipeline"):
         if key not in recipe:
             raise FileFormatError(f"'{path}' has a recipe without '{key}'")
-    return recipe, state
+    return recipe, state, signing.verify(payload.get("signature"), digest)
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The recipe of a saved model, validated, without rebuilding the model."""
+    """The recipe of a saved model, validated, without rebuilding the model (nothing is imported)."""
     return _read(path)[0]
 
 
-def load(path: str | Path, *, model_file: str | Path | None = None) -> fx.GraphModule:
+def check_trust(path: str | Path, spec: ModelSpec, *, trust_source: bool = False, model_file=None,
+                signed: bool = False) -> None:
+    """Refuse to rebuild ``spec`` from ``path`` if that would run code the user has not trusted."""
+    if not spec.runs_code or trust_source or model_file is not None or signed:
+        return
+    what = f"the Python file '{spec.name}'" if spec.kind == "file" else f"the Python module '{spec.name}'"
+    raise UntrustedSourceError(
+        f"'{path}' rebuilds its model by importing {what} ({spec.kind} source), and importing runs that code; "
+        "sntfx runs no code named by a file you have not trusted (this file was not saved by you on this machine). "
+        "If you trust where it came from, pass --trust-source (sntfx.load(..., trust_source=True)); or rebuild "
+        "from a model file you choose with --model-file PATH (model_file=PATH). Files from sntfx:, torchvision: "
+        "and timm: sources need neither."
+    )
+
+
+def load(path: str | Path, *, model_file: str | Path | None = None, trust_source: bool = False) -> fx.GraphModule:
     """Rebuild a saved model: build from its source, trace, replay the passes, load weights.
 
     Args:
         path: a file written by :func:`save` or the CLI.
         model_file: for a model built from a Python file, use this file instead
-            of the recorded one (moved, or deliberately changed).
+            of the recorded one (moved, or deliberately changed). Naming it
+            trusts it.
+        trust_source: rebuild a ``file``/``import`` source even though the
+            file was not saved by this user on this machine (importing runs
+            code: only for files whose origin you trust).
 
     Returns:
         The GraphModule, in eval mode, with its recipe in ``gm.meta["sntfx"]``.
+
+    Raises:
+        UntrustedSourceError: the recipe names Python code to import and the
+            file is not trusted (see the module docstring); nothing was imported.
     """
     from .pass_manager import PassManager  # local: pass_manager imports this module's neighbours
 
-    recipe, state = _read(path)
+    recipe, state, signed = _read(path)
     spec = ModelSpec.from_dict(recipe["source"])
+    check_trust(path, spec, trust_source=trust_source, model_file=model_file, signed=signed)
     if model_file is not None:
         override = ModelSpec.parse(str(model_file), entry=spec.entry, kwargs=spec.kwargs)
         spec, verify = override, False

@@ -206,6 +206,7 @@ class StudyConfig:
     preset: str | None = None
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         if not self.models:
             raise SntfxError("a study needs at least one model (--model)")
         self.methods = [m.name for m in parse_methods(self.methods)]
@@ -214,12 +215,18 @@ class StudyConfig:
             raise SntfxError("--epochs and --batch-size must be at least 1")
         if self.optimizer not in ("adam", "sgd"):
             raise SntfxError(f"--optimizer must be adam or sgd (SAM is a method), not '{self.optimizer}'")
-        for s in [*self.sparsities, *self.channel_sparsities]:
-            if not 0.0 < s < 1.0:
-                raise SntfxError(f"sparsities must lie strictly between 0 and 1, got {s}")
-        for b in [*self.bits, *(b for pair in self.act_bits for b in pair)]:
-            if not 2 <= int(b) <= 16:
-                raise SntfxError(f"bit widths must be between 2 and 16, got {b}")
+        from .compress import check_sweep_settings
+
+        check_sweep_settings(sparsities=self.sparsities, channel_sparsities=self.channel_sparsities, bits=self.bits,
+                             act_bits=self.act_bits)
+        for name, value, low_open in (("lr", self.lr, True), ("weight_decay", self.weight_decay, False),
+                                      ("rho", self.rho, True)):
+            if value is None and name == "lr":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (value <= 0 if low_open else value < 0):
+                raise SntfxError(f"study setting {name} must be a {'positive' if low_open else 'non-negative'} "
+                                 f"finite number, got {value!r}")
         if self.provider not in ("auto", "tensorrt", "cuda", "cpu"):
             raise SntfxError(f"--provider must be auto, tensorrt, cuda or cpu, not '{self.provider}'")
         if self.ratio < 1:
@@ -236,6 +243,54 @@ class StudyConfig:
     def sweep_settings(self) -> int:
         """Accuracy measurements in one run's sweep (float + every compression setting)."""
         return 1 + len(self.sparsities) + len(self.channel_sparsities) + len(self.bits) + len(self.act_bits)
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    """Whether ``value`` (from a config file or the command line) fits a StudyConfig annotation."""
+    options = [a.strip() for a in annotation.split("|")]
+    for option in options:
+        if option == "None" and value is None:
+            return True
+        if option in _SCALARS:
+            if isinstance(value, bool) and option != "bool":
+                continue
+            if isinstance(value, _SCALARS[option]) and not (option == "float" and not math.isfinite(value)):
+                return True
+        if option.startswith("list[") and isinstance(value, list):
+            inner = option[5:-1]
+            if all(_type_ok(v, inner) for v in value):
+                return True
+    return False
+
+
+def _check_field_types(config: StudyConfig) -> None:
+    import dataclasses
+
+    textual = {"methods", "seeds"}  # also given as comma-separated text
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in textual and isinstance(value, str):
+            continue
+        if not _type_ok(value, str(f.type)):
+            raise SntfxError(f"study setting {f.name} = {value!r} has the wrong type: expected {f.type} "
+                             f"(e.g. {f.name} = {json.dumps(_example(f))})")
+
+
+def _example(f) -> Any:
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _is_saved_file(model: str) -> bool:
+    from .workflow import is_model_file
+
+    return is_model_file(model)
 
 
 def _quick_data() -> str:
@@ -354,8 +409,9 @@ class Study:
     """
 
     def __init__(self, config: StudyConfig, out: str | Path, *, progress: StudyProgress | None = None,
-                 stop_after: Callable[[Run, str], bool] | None = None):
+                 stop_after: Callable[[Run, str], bool] | None = None, trust_source: bool = False):
         self.config = config
+        self.trust_source = trust_source  # for --model files saved elsewhere that name Python code (sntfx.load)
         self.out = Path(out)
         self.progress = progress or _NoProgress()
         self.executed: list[tuple[str, str]] = []  # (run label, stage) actually computed in this call
@@ -418,7 +474,7 @@ class Study:
 
         info = self.data.info
         for model in self.config.models:
-            model_for_data(model, info)
+            model_for_data(model, info, trust_source=self.trust_source)
         for run in self.runs():
             self._check_run_dir(run, create=False)
 
@@ -507,7 +563,7 @@ class Study:
         from .workflow import model_for_data
 
         torch.manual_seed(run.seed)
-        gm = model_for_data(run.model, self.data.info)
+        gm = model_for_data(run.model, self.data.info, trust_source=self.trust_source)
         if run.method.snt:
             x = torch.zeros(self.data.info.input_shape(2))
             gm = sntfx.transform(gm, x, style=run.method.style, ratio=run.method.ratio or self.config.ratio,
@@ -554,9 +610,16 @@ class Study:
                 "fold": fold}
 
     def _load(self, run: Run):
-        from .serialization import load
+        from .models import ModelSpec
+        from .serialization import load, read_recipe
 
-        gm = load(run.path / "model.pt")
+        # The study's own command names run.model; a stored file that rebuilds from that same source is trusted,
+        # any other source goes through sntfx.load's usual trust rule.
+        path = run.path / "model.pt"
+        stored = ModelSpec.from_dict(read_recipe(path)["source"])
+        named = ModelSpec.parse(run.model) if not _is_saved_file(run.model) else None
+        same = named is not None and (stored.kind, stored.name, stored.entry) == (named.kind, named.name, named.entry)
+        gm = load(path, trust_source=same or self.trust_source)
         gm.eval()
         return gm
 

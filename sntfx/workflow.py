@@ -21,16 +21,18 @@ def is_model_file(text: str) -> bool:
 
 
 def model_for_data(model: str, info: DatasetInfo, *, kwargs: dict | None = None, entry: str | None = None,
-                   model_file: str | None = None) -> fx.GraphModule:
+                   model_file: str | None = None, trust_source: bool = False) -> fx.GraphModule:
     """A traced model that takes ``info``'s images and predicts its classes.
 
     ``model`` is a saved sntfx file (e.g. from ``sntfx transform``) or a model
     spec; for zoo specs the number of classes (and input channels, where the
     family supports it) is set from the dataset unless ``kwargs`` says otherwise.
+    ``model_file`` and ``trust_source`` are passed to :func:`sntfx.load` for a
+    saved file.
     """
     x = torch.zeros(info.input_shape(2))
     if is_model_file(model):
-        gm = load(model, model_file=model_file)
+        gm = load(model, model_file=model_file, trust_source=trust_source)
         what = f"'{model}'"
     else:
         spec = ModelSpec.parse(model, entry=entry, kwargs=kwargs or {})

@@ -165,12 +165,16 @@ def test_sweep_and_cli(tmp_path, trained):
     assert result["sparsity"]["0.5"] > result["sparsity"]["0.9"] - 0.05
     assert abs(result["bits"]["8"] - result["float"]) <= 0.01
     sntfx.save(gm, tmp_path / "a.pt", source=sntfx.ModelSpec.parse("sntfx:cnn"))
+    (tmp_path / "other").mkdir()
+    sntfx.save(gm, tmp_path / "other" / "a.pt", source=sntfx.ModelSpec.parse("sntfx:cnn"))
     runner = CliRunner()
-    res = runner.invoke(cli, ["sweep", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--data", "digits",
+    res = runner.invoke(cli, ["sweep", str(tmp_path / "a.pt"), str(tmp_path / "other" / "a.pt"), "--data", "digits",
                               "--sparsities", "0.5", "--bits", "8,4", "--act-bits", "8:8", "--out", str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
     payload = json.loads((tmp_path / "s.json").read_text())
-    assert set(payload["results"]["a"]) >= {"float", "sparsity", "bits", "act_bits"}
+    assert set(payload["results"]) == {f"{tmp_path.name}_a", "other_a"}  # same stem: told apart by folder
+    assert payload["results"][f"{tmp_path.name}_a"] == payload["results"]["other_a"]
+    assert set(payload["results"]["other_a"]) >= {"float", "sparsity", "bits", "act_bits"}
     assert all((tmp_path / p).exists() for p in payload["plots"])
     res = runner.invoke(cli, ["prune", str(tmp_path / "a.pt"), "--out", str(tmp_path / "p.pt"), "--sparsity", "0.7",
                               "--data", "digits", "--finetune-epochs", "1"])

@@ -84,11 +84,36 @@ def test_disagreeing_export_is_failed_and_not_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_simplify_keeps_the_model_verified(tmp_path):
+def test_simplify_keeps_the_model_verified_and_reports_honestly(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     folded = _folded(sntfx.build_model("sntfx:resnet20"), x, "branch")
+    plain = export_onnx(folded, tmp_path / "p.onnx", x)
     report = export_onnx(folded, tmp_path / "s.onnx", x, simplify=True)
-    assert report.simplified and report.verification["ok"]
+    assert report.verification["ok"]
+    same = (tmp_path / "p.onnx").read_bytes() == (tmp_path / "s.onnx").read_bytes()
+    assert report.simplified is not same  # "simplified" only when the file changed
+    assert not plain.simplified
+
+
+def test_simplify_folds_constants_of_a_redundant_graph(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sntfx.exporters.onnx_export import _simplify
+
+    a = numpy_helper.from_array(np.ones((4,), np.float32), "a")
+    b = numpy_helper.from_array(np.full((4,), 2.0, np.float32), "b")
+    nodes = [helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Identity", ["c"], ["d"]),
+             helper.make_node("Mul", ["x", "d"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [a, b])
+    path = tmp_path / "r.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    assert _simplify(path)
+    simplified = onnx.load(str(path))
+    assert [n.op_type for n in simplified.graph.node] == ["Mul"]
+    assert not _simplify(path)  # nothing left to do: reported as such, file untouched
 
 
 @pytest.fixture(scope="module")
