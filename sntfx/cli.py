@@ -123,6 +123,18 @@ class FiniteFloat(click.ParamType):
         return number
 
 
+class Text(click.ParamType):
+    """Free text that may not be blank (an empty --data or --model would otherwise mean "the default")."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str) or not value.strip():
+            self.fail("an empty value is not allowed; give one or leave the option out", param, ctx)
+        return value
+
+
+TEXT = Text()
 POSITIVE = FiniteFloat(0, low_open=True)
 NON_NEGATIVE = FiniteFloat(0)
 FRACTION = FiniteFloat(0, 1, high_open=True)
@@ -171,13 +183,7 @@ def cli(verbose: int) -> None:
 def _model_spec(model: str, entry: str | None, kwargs: str | None):
     from .models import ModelSpec
 
-    spec = ModelSpec.parse(model, entry=entry, kwargs=_json_kwargs(kwargs))
-    if entry is not None and not spec.runs_code:
-        raise SntfxError(f"--entry names a factory in a model.py or module; '{model}' is a {spec.kind} model, so it "
-                         "would be ignored: drop --entry")
-    if entry is not None and not entry.isidentifier():
-        raise SntfxError(f"--entry must be a Python name (the factory function in the model file), got {entry!r}")
-    return spec
+    return ModelSpec.parse(model, entry=entry, kwargs=_json_kwargs(kwargs))
 
 
 def _inputs_for(path_or_spec: str) -> list[str]:
@@ -185,17 +191,17 @@ def _inputs_for(path_or_spec: str) -> list[str]:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--style", type=click.Choice(STYLES), default=None, help="Expansion style [qa-branch].")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="Expansion ratio for 'linear' [4].")
-@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.")
-@click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).")
-@click.option("--kwargs", default=None, help="JSON object of constructor arguments.")
+@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.", type=TEXT)
+@click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).", type=TEXT)
+@click.option("--kwargs", default=None, help="JSON object of constructor arguments.", type=TEXT)
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), default=None, help="Policy file (.json/.toml).")
 @click.option("--preserve", is_flag=True, help="Start the blocks at exactly the original function.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--passes", "pipeline", default=None,
+@click.option("--passes", "pipeline", default=None, type=TEXT,
               help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
 @handle_errors
 def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline):
@@ -294,7 +300,7 @@ def fold(model_file, out, batchnorm, source_file, trust_source):
 @trust_options
 @click.option("--quant", "quant_bits", type=click.IntRange(2, 8), default=None, metavar="BITS",
               help="Quantization-readiness report at BITS-bit weights (folded models).")
-@click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.")
+@click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False))
 @handle_errors
 def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
@@ -386,8 +392,8 @@ def _progress():
 
 
 @cli.command()
-@click.argument("model")
-@click.option("--data", "data_name", required=True, help="digits, fashion-mnist, cifar10, cifar100, synthetic, or an ImageFolder dir.")
+@click.argument("model", type=TEXT)
+@click.option("--data", "data_name", required=True, help="digits, fashion-mnist, cifar10, cifar100, synthetic, or an ImageFolder dir.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
@@ -409,10 +415,10 @@ def _progress():
 @click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms(True).")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across processes (torchrun).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, type=TEXT)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
-@click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.")
-@click.option("--entry", default=None, help="Factory name in model.py.")
+@click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.", type=TEXT)
+@click.option("--entry", default=None, help="Factory name in model.py.", type=TEXT)
 @trust_options
 @handle_errors
 def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, adaptive, lr, weight_decay, batch_size,
@@ -462,8 +468,8 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
 
 
 @cli.command()
-@click.argument("models", nargs=-1, required=True)
-@click.option("--data", "data_name", required=True, help="Dataset the models were trained on.")
+@click.argument("models", nargs=-1, required=True, type=TEXT)
+@click.option("--data", "data_name", required=True, help="Dataset the models were trained on.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True, help="Training batches to measure on.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True)
@@ -528,19 +534,19 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", type=TEXT)
 @click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file (float).")
 @click.option("--opset", type=click.IntRange(min=13), default=18, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch dimension dynamic.")
-@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32 [from --data or the recipe].")
+@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32 [from --data or the recipe].", type=TEXT)
 @click.option("--allow-expanded", is_flag=True, help="Export a model that still holds SNT blocks.")
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxscript's optimizer (verified too).")
-@click.option("--data", "data_name", default=None, help="Verify on (and calibrate int8 with) this dataset.")
+@click.option("--data", "data_name", default=None, help="Verify on (and calibrate int8 with) this dataset.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--int8", is_flag=True, help="Also write OUT.int8.onnx: static QDQ, int8 weights, uint8 activations.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
-@click.option("--min-agreement", type=click.FloatRange(0, 1), default=0.98, show_default=True,
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
               help="Top-1 agreement with the float model an int8 model must reach on the verification data.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
@@ -640,10 +646,10 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--batch-sizes", default="1,8,32", show_default=True)
+@click.option("--batch-sizes", default="1,8,32", show_default=True, type=TEXT)
 @click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--data", "data_name", default=None, help="Also measure accuracy on this dataset's test split.")
+@click.option("--data", "data_name", default=None, help="Also measure accuracy on this dataset's test split.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
 @handle_errors
@@ -712,7 +718,7 @@ def _load_folded(path: str, source_file: str | None = None, trust_source: bool =
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--sparsity", type=FRACTION, default=None,
               help="Fraction of zeros (magnitude) or of channels removed (structured); not for nm.")
@@ -720,13 +726,13 @@ def _load_folded(path: str, source_file: str | None = None, trust_source: bool =
 @click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
               help="One ranking across layers, or the same fraction in each layer [global for magnitude, layer for "
                    "structured].")
-@click.option("--nm", "nm_pattern", default=None, help="N:M pattern for --method nm [2:4].")
+@click.option("--nm", "nm_pattern", default=None, help="N:M pattern for --method nm [2:4].", type=TEXT)
 @click.option("--importance", type=click.Choice(["magnitude", "taylor", "lamp"]), default=None,
               help="Channel importance for --method structured [magnitude]; taylor needs --data.")
 @click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
 @click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
 @click.option("--exclude-last", is_flag=True, help="Keep the classifier dense (structured pruning always does).")
-@click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.")
+@click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fine-tune after pruning with the zeros held fixed (needs --data).")
@@ -813,7 +819,7 @@ def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
 
 
 @cli.command()
-@click.argument("model")
+@click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--wbits", type=int, default=8, show_default=True)
 @click.option("--abits", type=int, default=None, help="Activation bits (4-8); needs --data for calibration.")
@@ -821,7 +827,7 @@ def _finetune_sparse(gm, data, epochs: int, lr: float) -> None:
 @click.option("--method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True, help="Weight clipping.")
 @click.option("--act-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True)
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.")
+@click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @trust_options
 @handle_errors
@@ -866,8 +872,8 @@ def quantize(model, out, wbits, abits, granularity, method, act_method, calib_ba
 
 
 @cli.command()
-@click.argument("models", nargs=-1, required=True)
-@click.option("--data", "data_name", required=True)
+@click.argument("models", nargs=-1, required=True, type=TEXT)
+@click.option("--data", "data_name", required=True, type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--sparsities", default="0.5,0.7,0.8,0.9", show_default=True)
 @click.option("--channel-sparsities", default="", help="Structured channel sparsities, e.g. 0.2,0.4.")
@@ -1028,12 +1034,12 @@ def _study_progress():
 @click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
               help="quick: a small CNN on Fashion-MNIST (or digits), under 10 minutes on 2 CPU cores; "
                    "paper: CIFAR-10 with ResNet-20/56, VGG-16, MobileNetV2 and a small ViT, 3 seeds.")
-@click.option("--model", "models", multiple=True, help="Model spec (repeat, or separate with commas); "
+@click.option("--model", "models", multiple=True, type=TEXT, help="Model spec (repeat, or separate with commas); "
               "default: the preset's, else sntfx:smallvgg.")
-@click.option("--data", "data_name", default=None, help="Dataset name or ImageFolder directory.")
+@click.option("--data", "data_name", default=None, help="Dataset name or ImageFolder directory.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
-@click.option("--methods", default=None, help="Comma-separated: adam, sam, snt-STYLE[-xRATIO][-fresh][+sam].")
-@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2.")
+@click.option("--methods", default=None, help="Comma-separated: adam, sam, snt-STYLE[-xRATIO][-fresh][+sam].", type=TEXT)
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2.", type=TEXT)
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=POSITIVE, default=None)
@@ -1046,7 +1052,7 @@ def _study_progress():
               help="Test images for the compression sweeps and ONNX accuracy (default: all).")
 @click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
-@click.option("--device", default=None, help="Training device: auto, cpu, cuda, cuda:N.")
+@click.option("--device", default=None, help="Training device: auto, cpu, cuda, cuda:N.", type=TEXT)
 @click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="TOML or JSON file setting any study field (sparsities, bits, sharpness_iters, ...); "
                    "command-line options override it, and it overrides the preset.")
@@ -1094,6 +1100,9 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     config = preset_config(preset, overrides)
     if out_dir.exists() and not out_dir.is_dir():
         raise SntfxError(f"--out '{out_dir}' is a file; give a directory")
+    if not out_dir.resolve().parent.is_dir():
+        raise SntfxError(f"the folder that would hold --out '{out_dir}' does not exist; create it first or choose "
+                         "another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "study.json").exists():
         raise SntfxError(f"--out '{out_dir}' exists and does not hold an sntfx study; choose a new or empty folder")
     rank = int(os.environ.get("RANK", "0"))

@@ -40,6 +40,10 @@ def check_sweep_settings(*, sparsities: Sequence[float] = (), channel_sparsities
     """Refuse a sweep setting the compression passes would refuse, before any work (the passes' own checks)."""
     from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune
 
+    for what, axis in (("sparsities", sparsities), ("channel sparsities", channel_sparsities), ("bits", bits),
+                       ("activation settings", [tuple(p) if isinstance(p, (list, tuple)) else p for p in act_bits])):
+        if len(set(axis)) != len(axis):
+            raise SntfxError(f"the sweep's {what} list a value twice ({list(axis)}); list each once")
     checks = [(f"sparsity {s!r}", lambda s=s: MagnitudePrune(s)) for s in sparsities]
     checks += [(f"channel sparsity {s!r}", lambda s=s: StructuredPrune(s)) for s in channel_sparsities]
     checks += [(f"weight bits {b!r}", lambda b=b: SimulatedQuantize(wbits=b)) for b in bits]

@@ -342,7 +342,16 @@ def _image_folder(root: Path, seed: int) -> Data:
 
 
 def load_data(name_or_dir: str, *, data_dir: str | None = None, seed: int = 0) -> Data:
-    """Load a dataset by name (see the module docstring) or from an ImageFolder directory."""
+    """Load a dataset by name (see the module docstring) or from an ImageFolder directory.
+
+    ``data_dir`` is where a named dataset's files are (Fashion-MNIST, CIFAR);
+    datasets that read no files (digits, synthetic, an ImageFolder given by its
+    path) refuse it rather than ignore it.
+    """
+    reads_dir = name_or_dir in ("fashion-mnist", "fashion_mnist", "fmnist", "cifar10", "cifar100")
+    if data_dir is not None and not reads_dir:
+        raise DataError(f"--data-dir says where a named dataset's files are (fashion-mnist, cifar10, cifar100); "
+                        f"'{name_or_dir}' reads none from it, so it would be ignored: drop --data-dir")
     if name_or_dir == "digits":
         return _digits(seed)
     if name_or_dir in ("fashion-mnist", "fashion_mnist", "fmnist"):

@@ -80,10 +80,15 @@ class ModelSpec:
     def parse(cls, text: str, *, entry: str | None = None, kwargs: dict | None = None) -> ModelSpec:
         """Parse a spec string (see the module docstring)."""
         kwargs = dict(kwargs or {})
+        if entry is not None and not entry.isidentifier():
+            raise ModelSpecError(f"the factory name (entry) must be a Python name, e.g. build_model; got {entry!r}")
         prefix, sep, rest = text.partition(":")
         if sep and prefix in ("torchvision", "timm", "sntfx"):
             if not rest:
                 raise ModelSpecError(f"model spec {text!r} names no model, e.g. {prefix}:resnet18")
+            if entry is not None:
+                raise ModelSpecError(f"a factory name (--entry {entry}) applies to a model.py or module; '{text}' "
+                                     "is a built-in architecture, so it would be ignored: drop it")
             return cls(prefix, rest, None, kwargs)
         if text.endswith(".py") or ".py:" in text:
             path_text, _, file_entry = text.rpartition(":") if not text.endswith(".py") else (text, "", "")

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -9,6 +11,10 @@ import torch
 import sntfx
 
 torch.set_num_threads(2)
+
+# Tests never touch the user's configuration: the signing key of files saved in tests lives in a
+# throwaway folder (inherited by the CLI and torchrun processes that tests start).
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="sntfx-test-config-")
 
 
 def _unmap_large_tensors_on_free() -> None:
