@@ -33,7 +33,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-from sntfx.blocks import SNTBlock, make_block
+from sntfx.blocks import SNTBlock, get_style, make_block
 from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, set_module, shared_parameter_owners
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.policy import Policy
@@ -151,13 +151,14 @@ class SNTExpand(Pass):
                 stats[f"skip: {decision.reason}"] += 1
                 continue
             center = True
-            if decision.style != "linear" and layer.bias is None:
+            style = get_style(decision.style)
+            if style.bias_sink and layer.bias is None:
                 out = layer.out_features if kind == "linear" else layer.out_channels
                 center = find_bias_sink(gm, path, out, linear=kind == "linear") is not None
             block = make_block(
                 layer, decision.style, ratio=decision.ratio, center=center, preserve=self.preserve, gen=gen
             )
-            if self.online and hasattr(block, "online"):
+            if self.online and style.trains_online:
                 block.online = True
             set_module(gm, path, block)
             expanded += 1

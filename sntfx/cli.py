@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from . import __version__
-from .blocks import STYLES
+from .blocks import get_style, style_names
 from .errors import SntfxError
 
 console = Console()
@@ -193,7 +193,10 @@ def _inputs_for(path_or_spec: str) -> list[str]:
 @cli.command()
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
-@click.option("--style", type=click.Choice(STYLES), default=None, help="Expansion style [qa-branch].")
+@click.option("--style", type=click.Choice(style_names()), default=None,
+              help="Expansion style [qa-branch]: " + "; ".join(f"{n}: {get_style(n).label}, "
+                                                               f"{'trains online' if get_style(n).trains_online else 'trains in explicit form'}"
+                                                               for n in style_names()) + ".")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="Expansion ratio for 'linear' [4].")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.", type=TEXT)
 @click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).", type=TEXT)
@@ -216,9 +219,9 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     from .tracing import sntfx_meta
 
     out_path = check_output_path(out, _inputs_for(model) + ([policy] if policy else []))
-    if ratio is not None and not policy and (style or "qa-branch") != "linear":
-        raise SntfxError(f"--ratio sets the expansion ratio of the 'linear' style; the '{style or 'qa-branch'}' "
-                         "style has none, so it would be ignored: add --style linear or drop --ratio")
+    if ratio is not None and not policy and "ratio" not in get_style(style or "qa-branch").options:
+        raise SntfxError(f"--ratio sets an expansion ratio; the '{style or 'qa-branch'}' style has none, so it "
+                         "would be ignored: choose a style with a ratio (e.g. --style linear) or drop --ratio")
     spec = _model_spec(model, entry, kwargs)
     inputs = spec.example_inputs(parse_input_shape(input_shape) if input_shape else None)
     if pipeline and (style or ratio or policy or preserve):

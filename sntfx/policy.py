@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .blocks import STYLES
+from .blocks import style_names
 from .errors import PolicyError
 
 __all__ = ["Policy", "Rule", "Decision", "LAYER_TYPES"]
@@ -173,8 +173,8 @@ class Policy:
 
 
 def _check_style(style: Any, what: str) -> None:
-    if style not in STYLES:
-        raise PolicyError(f"unknown {what} '{style}'; choose one of {', '.join(STYLES)}")
+    if style not in style_names():
+        raise PolicyError(f"unknown {what} '{style}'; choose one of {', '.join(style_names())}")
 
 
 def _check_ratio(ratio: Any, what: str) -> None:

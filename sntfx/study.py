@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .blocks import STYLES
+from .blocks import get_style, style_names
 from .errors import SntfxError
 from .io import atomic_write
 
@@ -82,9 +82,6 @@ STAGE_KEYS = {
 
 # Training cost of one step relative to Adam, for the progress estimate only
 # (measured ratios from benchmarks/bench_train_step.py, rounded).
-_STEP_COST = {None: 1.0, "linear": 1.1, "branch": 3.7, "qa-branch": 3.7}
-
-
 # -- methods -------------------------------------------------------------------
 
 
@@ -104,7 +101,8 @@ class Method:
 
     @property
     def step_cost(self) -> float:
-        return _STEP_COST[self.style] * (2.0 if self.sam else 1.0)
+        base = 1.0 if self.style is None else get_style(self.style).step_cost  # the style's declared estimate
+        return base * (2.0 if self.sam else 1.0)
 
     @classmethod
     def parse(cls, text: str) -> Method:
@@ -125,14 +123,17 @@ class Method:
             return cls("sam", sam=True)
         if not base.startswith("snt-"):
             raise SntfxError(f"unknown method '{text}'; use adam, sam, or snt-STYLE[-xRATIO][-fresh][+sam] with STYLE "
-                             f"one of {', '.join(STYLES)} (e.g. snt-linear, snt-branch+sam, snt-linear-x2)")
+                             f"one of {', '.join(style_names())} (e.g. snt-linear, snt-branch+sam, snt-linear-x2)")
         rest = base[4:]
-        style = next((s for s in sorted(STYLES, key=len, reverse=True) if rest == s or rest.startswith(s + "-")), None)
+        style = next((s for s in sorted(style_names(), key=len, reverse=True)
+                      if rest == s or rest.startswith(s + "-")), None)
         if style is None:
-            raise SntfxError(f"method '{text}': unknown SNT style; choose one of {', '.join(STYLES)}")
+            raise SntfxError(f"method '{text}': unknown SNT style; choose one of {', '.join(style_names())}")
         ratio, init = None, "preserve"
         for token in filter(None, rest[len(style):].split("-")):
             if re.fullmatch(r"x\d+", token) and int(token[1:]) >= 1:
+                if "ratio" not in get_style(style).options:
+                    raise SntfxError(f"method '{text}': the '{style}' style has no expansion ratio (-x{token[1:]})")
                 ratio = int(token[1:])
             elif token in ("fresh", "preserve"):
                 init = token

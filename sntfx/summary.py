@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from .blocks import LayerConfig, LinearExpansion, SNTBlock, layer_macs
+from .blocks import LayerConfig, SNTBlock, get_style, layer_macs
 from .graph_utils import output_shape
 
 __all__ = ["LayerRow", "layer_summary"]
@@ -54,7 +54,7 @@ def layer_summary(gm: fx.GraphModule) -> list[LayerRow]:
         m = gm.get_submodule(node.target)
         if isinstance(m, SNTBlock):
             config = m.config
-            expansion = m.style + (f" x{m.ratio}" if isinstance(m, LinearExpansion) else "")
+            expansion = m.style + (f" x{m.ratio}" if "ratio" in get_style(m.style).options else "")
             folded_params = config.in_features // config.groups * config.out_features * config.ktaps + (
                 config.out_features if config.bias else 0
             )

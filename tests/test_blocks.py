@@ -6,16 +6,17 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, make_block
+from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, get_style, make_block, style_names
 from sntfx.graph_utils import randomize_
 from sntfx.tracing import compare_outputs
 
 TOL = 1e-5
-STYLES = ["linear", "branch", "qa-branch"]
+STYLES = list(style_names())  # every registered style: a new style is tested here without editing this file
+ONLINE_STYLES = [s for s in STYLES if get_style(s).trains_online]
 
 LAYERS = {
     "3x3": lambda: nn.Conv2d(8, 8, 3, padding=1),
@@ -55,8 +56,8 @@ def _folded_output(block, x):
     return layer, y
 
 
-# (style, center): `center` (shifted vs scale-only branch norms) applies to branch styles only.
-VARIANTS = [("linear", True), ("branch", True), ("branch", False), ("qa-branch", True), ("qa-branch", False)]
+# (style, center): `center` (shifted vs scale-only norms) applies to styles that use a bias sink.
+VARIANTS = [(s, c) for s in STYLES for c in ((True, False) if get_style(s).bias_sink else (True,))]
 
 
 @pytest.mark.parametrize("style,center", VARIANTS)
@@ -104,12 +105,15 @@ def test_branch_block_structure():
     assert make_block(nn.Conv2d(8, 8, 1), "branch").aux is None  # a 1x1 has no separate 1x1 branch
 
 
-@pytest.mark.parametrize("name", ["3x3", "5x5 depthwise", "3x5 dilated grouped", "reflect", "same even k", "linear"])
-def test_online_forward_matches_explicit_outputs_and_gradients(name):
+@pytest.mark.parametrize("style", ONLINE_STYLES)
+@pytest.mark.parametrize("name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "3x5 dilated grouped", "reflect",
+                                  "replicate even k s2", "same even k", "conv1d circular", "conv1d s2 dilated",
+                                  "linear", "linear no-bias"])
+def test_online_forward_matches_explicit_outputs_and_gradients(style, name):
     layer = LAYERS[name]()
     gen = torch.Generator().manual_seed(0)
-    explicit = make_block(layer, "linear", ratio=4, gen=gen).double()
-    online = make_block(layer, "linear", ratio=4, gen=torch.Generator().manual_seed(0)).double()
+    explicit = make_block(layer, style, ratio=4, gen=gen).double()
+    online = make_block(layer, style, ratio=4, gen=torch.Generator().manual_seed(0)).double()
     online.online = True
     x = _input_for(layer, gen).double()
     y1, y2 = explicit(x), online(x)
@@ -224,7 +228,7 @@ def test_fold_is_exact_for_any_conv2d(cfg, seed):
     try:
         layer(x)
     except RuntimeError:
-        return  # e.g. reflect padding wider than the input: the layer itself rejects it
+        assume(False)  # e.g. reflect padding wider than the input: the layer itself rejects it
     block = make_block(layer, cfg["style"], ratio=2, center=cfg["center"], gen=gen)
     randomize_(block, seed=seed % 1000)
     block.eval()
@@ -235,3 +239,34 @@ def test_fold_is_exact_for_any_conv2d(cfg, seed):
     assert compare_outputs(want, got) <= TOL
     assert LayerConfig.from_module(folded) == LayerConfig.from_module(layer)
     assert math.isfinite(want.abs().max().item())
+
+
+def test_registry_declarations_match_the_blocks():
+    """What a style declares is what its blocks do: the conformance check every new style passes."""
+    layer = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    for name in STYLES:
+        info = get_style(name)
+        block = make_block(layer, name, ratio=2)
+        assert block.style == name and block.trains_online == info.trains_online
+        assert info.label and info.step_cost > 0
+        if "ratio" in info.options:
+            assert make_block(layer, name, ratio=3).ratio == 3
+        # a bias-free layer whose output has no sink gets a block that folds to no bias at all
+        assert make_block(layer, name, center=False).eval().fold()[1] is None
+
+
+def test_a_style_registered_elsewhere_is_usable_and_a_name_cannot_be_taken_twice():
+    from sntfx.blocks import registry
+
+    @registry.register_style("test-linear-x1", label="test: linear, ratio 1", trains_online=True, step_cost=1.0)
+    def build(config):
+        return LinearExpansion(config, 1)
+
+    try:
+        assert "test-linear-x1" in style_names()
+        block = make_block(nn.Conv2d(4, 4, 3, padding=1), "test-linear-x1", ratio=7)  # ratio: not this style's
+        assert block.ratio == 1 and block.style == "test-linear-x1" and block.trains_online
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_style("test-linear-x1", label="again")(lambda config: None)
+    finally:
+        registry._STYLES.pop("test-linear-x1")

@@ -34,7 +34,8 @@ PLOTS = ["accuracy_vs_sparsity", "accuracy_vs_bits", "sharpness", "landscape", "
     ("snt-linear-x2", "linear", 2, "preserve", False),
     ("snt-branch+sam", "branch", None, "preserve", True),
     ("snt-qa-branch", "qa-branch", None, "preserve", False),
-    ("SNT-QA-Branch-fresh-x3+SAM", "qa-branch", 3, "fresh", True),
+    ("SNT-QA-Branch-fresh+SAM", "qa-branch", None, "fresh", True),
+    ("SNT-Linear-fresh-x3+SAM", "linear", 3, "fresh", True),
 ])
 def test_method_names(text, style, ratio, init, sam):
     m = Method.parse(text)
@@ -43,7 +44,7 @@ def test_method_names(text, style, ratio, init, sam):
 
 
 @pytest.mark.parametrize("text", ["sgd", "snt-wide", "snt-linear-x0", "snt-linear-big", "adam+sam", "sam+sam",
-                                  "snt-linear+adam", "snt-"])
+                                  "snt-linear+adam", "snt-", "snt-qa-branch-x3"])
 def test_bad_method_names_say_what_is_allowed(text):
     with pytest.raises(SntfxError, match="method|style"):
         Method.parse(text)

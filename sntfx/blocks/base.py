@@ -1,0 +1,252 @@
+"""What every SNT block shares: the layer it replaces, the fold contract, init helpers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
+__all__ = ["LayerConfig", "SNTBlock", "layer_macs"]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d}
+_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """The hyper-parameters of the layer a block replaces (and folds back into)."""
+
+    kind: str  # "conv1d" | "conv2d" | "linear"
+    in_features: int
+    out_features: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: Any = ()  # as the original took it: tuple of ints, "same" or "valid"
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def from_module(cls, m: nn.Module) -> LayerConfig:
+        if isinstance(m, nn.Linear):
+            return cls("linear", m.in_features, m.out_features, bias=m.bias is not None)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            return cls(
+                f"conv{len(m.kernel_size)}d",
+                m.in_channels,
+                m.out_channels,
+                tuple(m.kernel_size),
+                tuple(m.stride),
+                m.padding if isinstance(m.padding, str) else tuple(m.padding),
+                tuple(m.dilation),
+                m.groups,
+                m.bias is not None,
+                m.padding_mode,
+            )
+        raise TypeError(f"no LayerConfig for {type(m).__name__}")
+
+    @property
+    def is_conv(self) -> bool:
+        return self.kind != "linear"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def ktaps(self) -> int:
+        return math.prod(self.kernel) if self.kernel else 1
+
+    @property
+    def center(self) -> tuple[int, ...]:
+        """Index of the kernel tap a 1x1 branch or the identity sits on."""
+        return tuple((k - 1) // 2 for k in self.kernel)
+
+    def pad_amounts(self) -> list[int]:
+        """``F.pad`` amounts (last dimension first) equal to the layer's padding."""
+        out: list[int] = []
+        for i in reversed(range(self.ndim)):
+            if self.padding == "valid":
+                lo = hi = 0
+            elif self.padding == "same":
+                total = self.dilation[i] * (self.kernel[i] - 1)
+                lo, hi = total // 2, total - total // 2
+            else:
+                lo = hi = int(self.padding[i])
+            out += [lo, hi]
+        return out
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        amounts = self.pad_amounts()
+        if not any(amounts):
+            return x
+        if self.padding_mode == "zeros":
+            return F.pad(x, amounts)
+        return F.pad(x, amounts, mode=self.padding_mode)
+
+    def conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's convolution on an already padded input."""
+        return _CONV_FN[self.ndim](x, w, b, self.stride, 0, self.dilation, self.groups)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        if not self.is_conv:
+            return (self.out_features, self.in_features)
+        return (self.out_features, self.in_features // self.groups, *self.kernel)
+
+    def default_fan_in(self) -> int:
+        return (self.in_features // self.groups) * self.ktaps
+
+    def build(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+        """A fresh layer of the original type holding ``weight`` and ``bias``."""
+        if self.is_conv:
+            layer: nn.Module = _CONV_CLS[self.ndim](
+                self.in_features,
+                self.out_features,
+                self.kernel,
+                stride=self.stride,
+                padding=self.padding,
+                dilation=self.dilation,
+                groups=self.groups,
+                bias=self.bias,
+                padding_mode=self.padding_mode,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+        else:
+            layer = nn.Linear(
+                self.in_features, self.out_features, bias=self.bias, device=weight.device, dtype=weight.dtype
+            )
+        with torch.no_grad():
+            layer.weight.copy_(weight.reshape(layer.weight.shape))
+            if self.bias:
+                layer.bias.copy_(bias if bias is not None else torch.zeros_like(layer.bias))
+        return layer
+
+
+def _uniform_(t: torch.Tensor, fan_in: int, gen: torch.Generator) -> torch.Tensor:
+    """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    with torch.no_grad():
+        return t.uniform_(-bound, bound, generator=gen)
+
+
+def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        return t.normal_(0.0, std, generator=gen)
+
+
+def _orthonormal_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """A ``rows x cols`` float64 matrix with orthonormal columns (rows >= cols)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=gen))
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(())).unsqueeze(0)
+
+
+def _span(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (columns) of the column space of ``m``."""
+    u, sv, _ = torch.linalg.svd(m, full_matrices=False)
+    rank = int((sv > sv.max() * 1e-12).sum()) if sv.numel() else 0
+    return u[:, :rank]
+
+
+def _semi_orthogonal(rows: int, cols: int, gen: torch.Generator, keep) -> torch.Tensor:
+    """A ``rows x cols`` float64 matrix ``M`` with ``M^T M`` the identity on a needed space.
+
+    ``rows >= cols``: orthonormal columns, ``M^T M = I``. ``rows < cols``:
+    orthonormal rows whose span contains the columns of ``keep()`` (a
+    ``cols x j`` orthonormal basis, ``j <= rows``), so ``M^T M`` is the
+    identity on that span.
+    """
+    if rows >= cols:
+        return _orthonormal_columns(rows, cols, gen)
+    basis = keep()
+    z = torch.randn(cols, rows - basis.shape[1], dtype=torch.float64, generator=gen)
+    z = z - basis @ (basis.T @ z)
+    q, _ = torch.linalg.qr(torch.cat([basis, z], dim=1))
+    return q.T
+
+
+class SNTBlock(nn.Module):
+    """Base class of the expanded blocks. ``fold()`` gives back the original layer."""
+
+    style: str = ""
+    online: bool = False  # compose the kernel and run one layer per call (styles that train online)
+
+    def __init__(self, config: LayerConfig):
+        super().__init__()
+        self.config = config
+
+    @property
+    def trains_online(self) -> bool:
+        """Whether this block's style can run the composed kernel in training (see the style registry)."""
+        from .registry import get_style
+
+        return get_style(self.style).trains_online
+
+    @property
+    def needs_bias_sink(self) -> bool:
+        """True when folding yields a bias that the (bias-free) layer must pass on."""
+        return False
+
+    def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias (float64) of the single equivalent layer, eval mode."""
+        raise NotImplementedError
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def fold(self) -> tuple[nn.Module, torch.Tensor | None]:
+        """The equivalent layer, and the bias it must hand to a sink (or None).
+
+        The layer has the original type, hyper-parameters and dtype.
+        """
+        p = next(self.parameters())
+        with torch.no_grad():
+            w, b = self.folded_weight_bias()
+        residual = None
+        if not self.config.bias and b is not None:
+            residual = b
+            b = None
+        layer = self.config.build(w.to(p.dtype), None if b is None else b.to(p.dtype))
+        return layer, residual
+
+    def macs(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
+        """Multiply-accumulates of this block's own (explicit) forward."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        c = self.config
+        shape = f"{c.in_features}->{c.out_features}" + (f", k={c.kernel}" if c.is_conv else "")
+        return f"style={self.style}, {c.kind} {shape}"
+
+
+def layer_macs(config: LayerConfig, out_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of the plain layer producing ``out_shape``."""
+    return math.prod(out_shape) * (config.in_features // config.groups) * config.ktaps
+
+
+def _sub_conv(config: LayerConfig, cin: int, cout: int, kernel, *, stride=None, dilation=None, bias=False) -> nn.Module:
+    """An inner conv (no padding: the block pads once) or linear, left uninitialised.
+
+    Every block initialises its parameters itself (``reset_parameters`` or
+    ``preserve``), so PyTorch's own init would be wasted work.
+    """
+    if not config.is_conv:
+        return skip_init(nn.Linear, cin, cout, bias=bias)
+    ones = (1,) * config.ndim
+    return skip_init(
+        _CONV_CLS[config.ndim],
+        cin,
+        cout,
+        kernel if kernel is not None else ones,
+        stride=stride or ones,
+        padding=0,
+        dilation=dilation or ones,
+        groups=config.groups,
+        bias=bias,
+    )
