@@ -54,7 +54,7 @@ class MagnitudePrune(Pass):
     def run(self, gm, ctx: PassContext) -> PassResult:
         layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
         stats: Counter = Counter()
-        if not layers or self.sparsity == 0 or ctx.rebuild:
+        if not layers or self.sparsity == 0:
             return PassResult(gm, False, stats)
         with torch.no_grad():
             if self.scope == "layer":
@@ -67,6 +67,10 @@ class MagnitudePrune(Pass):
         stats["layers"] = len(layers)
         info = {"sparsity": zeros / total, "layers": {n: float((m.weight == 0).float().mean()) for n, m in layers}}
         return PassResult(gm, stats["zeroed"] > 0, stats, info)
+
+    def replay(self, gm, ctx: PassContext) -> PassResult:
+        """Pruning changes only weights, which a rebuilt model loads from its file: nothing to redo."""
+        return PassResult(gm, False, Counter())
 
 
 def _zero_smallest(weights: list[torch.Tensor], fraction: float) -> int:

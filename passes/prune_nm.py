@@ -62,8 +62,6 @@ class NMPrune(Pass):
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        if ctx.rebuild:
-            return PassResult(gm, False, stats)
         for name, layer in prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last):
             in_per_group = layer.weight.shape[1]
             if in_per_group % self.m:
@@ -80,4 +78,8 @@ class NMPrune(Pass):
                 layer.weight.mul_(shaped.to(layer.weight.dtype))
             stats["pruned layers"] += 1
         return PassResult(gm, stats["pruned layers"] > 0, stats)
+
+    def replay(self, gm, ctx: PassContext) -> PassResult:
+        """Pruning changes only weights, which a rebuilt model loads from its file: nothing to redo."""
+        return PassResult(gm, False, Counter())
 

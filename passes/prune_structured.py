@@ -51,6 +51,7 @@ class StructuredPrune(Pass):
     name = "prune_channels"
     requires = frozenset({Property.FOLDED})
     provides = frozenset({Property.SHAPES})
+    needs_eval = True
 
     def __init__(self, sparsity: float = 0.3, importance: str = "magnitude", round_to: int | None = None,
                  global_pruning: bool = False, exclude_first: bool = False, shapes: dict | None = None):
@@ -70,31 +71,41 @@ class StructuredPrune(Pass):
         return {"sparsity": self.sparsity, "importance": self.importance, "round_to": self.round_to,
                 "global_pruning": self.global_pruning, "exclude_first": self.exclude_first, "shapes": self.shapes}
 
+    def check(self, ctx: PassContext) -> str | None:
+        if not ctx.example_inputs:
+            return "example inputs (PassContext(example_inputs=(x,)), or --data on the command line)"
+        if self.importance == "taylor" and not ctx.calibration_labeled:
+            return "labelled batches for Taylor importance (PassContext(calibration_labeled=[(x, y)]), or --data)"
+        return None
+
+    def check_replay(self, ctx: PassContext) -> str | None:
+        if not ctx.example_inputs:
+            return "example inputs (the recipe's input spec) to trace the channel dependencies"
+        if not self.shapes:
+            return "the parameter shapes recorded when the model was pruned (this recipe has none)"
+        return None
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         import torch_pruning as tp
 
-        if not ctx.example_inputs:
-            raise SntfxError("structured pruning needs example inputs: PassContext(example_inputs=(x,))")
-        inputs = tuple(ctx.example_inputs)
         before = sum(p.numel() for p in gm.parameters())
-        was = gm.training
-        gm.eval()
-        try:
-            if ctx.rebuild:
-                if not self.shapes:
-                    raise SntfxError("cannot replay structured pruning: the recipe has no recorded shapes")
-                self._prune_to(gm, inputs, self.shapes)
-            else:
-                self._prune(gm, inputs, ctx, tp)
-                self.shapes = {k: list(v.shape) for k, v in gm.state_dict().items()}
-        finally:
-            gm.train(was)
+        self._prune(gm, tuple(ctx.example_inputs), ctx, tp)
+        self.shapes = {k: list(v.shape) for k, v in gm.state_dict().items()}
+        return self._result(gm, ctx, before, modified=None)
+
+    def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Prune to the recorded shapes (which channels survived does not matter: the weights are loaded next)."""
+        before = sum(p.numel() for p in gm.parameters())
+        self._prune_to(gm, tuple(ctx.example_inputs), self.shapes)
+        return self._result(gm, ctx, before, modified=True)
+
+    def _result(self, gm, ctx: PassContext, before: int, modified: bool | None) -> PassResult:
         propagate_shapes(gm, ctx.example_inputs)
         after = sum(p.numel() for p in gm.parameters())
         stats = Counter({"parameters removed": before - after})
         info = {"params_before": before, "params_after": after,
                 "channels": {n: int(m.weight.shape[0]) for n, m in prunable_layers(gm)}}
-        return PassResult(gm, after != before or ctx.rebuild, stats, info)
+        return PassResult(gm, after != before if modified is None else modified, stats, info)
 
     def _prune(self, gm, inputs, ctx, tp) -> None:
         layers = prunable_layers(gm)
@@ -112,11 +123,8 @@ class StructuredPrune(Pass):
             round_to=self.round_to, global_pruning=self.global_pruning, num_heads=_heads(gm),
         )
         if self.importance == "taylor":
-            batches = ctx.calibration_labeled or []
-            if not batches:
-                raise SntfxError("Taylor importance needs labelled batches: PassContext(calibration_labeled=[(x, y)])")
             gm.zero_grad()
-            for x, y in batches:
+            for x, y in ctx.calibration_labeled:
                 F.cross_entropy(gm(x), y).backward()
         pruner.step()
         gm.zero_grad(set_to_none=True)

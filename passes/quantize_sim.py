@@ -27,7 +27,6 @@ import torch
 import torch.fx as fx
 
 from sntfx.compress_utils import prunable_layers
-from sntfx.errors import SntfxError
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.quant import ActQuant, fake_quant_weight
 
@@ -45,6 +44,7 @@ class SimulatedQuantize(Pass):
 
     name = "quantize"
     requires = frozenset({Property.FOLDED})
+    needs_eval = True  # calibration runs the model; BatchNorms must use their running statistics
 
     def __init__(self, wbits: int = 8, abits: int | None = None, granularity: str = "channel", method: str = "rtn",
                  act_method: str = "minmax", exclude_first: bool = False, exclude_last: bool = False):
@@ -68,31 +68,37 @@ class SimulatedQuantize(Pass):
         return {"wbits": self.wbits, "abits": self.abits, "granularity": self.granularity, "method": self.method,
                 "act_method": self.act_method, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last}
 
+    def check(self, ctx: PassContext) -> str | None:
+        if self.abits is not None and not ctx.calibration:
+            return ("calibration data for the activation ranges (PassContext(calibration=[batch, ...]), or --data "
+                    "NAME on the command line)")
+        return None
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
         stats: Counter = Counter()
         info: dict = {"layers": {}}
-        if not ctx.rebuild:
-            with torch.no_grad():
-                for name, m in layers:
-                    q = fake_quant_weight(m.weight, self.wbits, per_channel=self.granularity == "channel",
-                                          method=self.method)
-                    err = float((q - m.weight).norm() / m.weight.norm().clamp(min=1e-12))
-                    m.weight.copy_(q)
-                    info["layers"][name] = {"weight_rel_error": err}
-                    stats["quantized weights"] += 1
+        with torch.no_grad():
+            for name, m in layers:
+                q = fake_quant_weight(m.weight, self.wbits, per_channel=self.granularity == "channel",
+                                      method=self.method)
+                err = float((q - m.weight).norm() / m.weight.norm().clamp(min=1e-12))
+                m.weight.copy_(q)
+                info["layers"][name] = {"weight_rel_error": err}
+                stats["quantized weights"] += 1
         if self.abits is not None:
             quantizers = self._insert_act_quant(gm, [n for n, _ in layers])
             stats["activation quantizers"] = len(quantizers)
-            if not ctx.rebuild:
-                batches = getattr(ctx, "calibration", None)
-                if not batches:
-                    raise SntfxError(
-                        "activation quantization needs calibration data: give PassContext(calibration=[batch, ...]) "
-                        "or --data NAME on the command line"
-                    )
-                self._calibrate(gm, quantizers, batches, info)
+            self._calibrate(gm, quantizers, ctx.calibration, info)
         return PassResult(gm, bool(stats), stats, info)
+
+    def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Weights and calibrated ranges come from the file: only the activation quantizers are re-inserted."""
+        stats: Counter = Counter()
+        if self.abits is not None:
+            layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
+            stats["activation quantizers"] = len(self._insert_act_quant(gm, [n for n, _ in layers]))
+        return PassResult(gm, bool(stats), stats, {"layers": {}})
 
     def _insert_act_quant(self, gm: fx.GraphModule, targets: list[str]) -> dict[str, ActQuant]:
         quantizers: dict[str, ActQuant] = {}
@@ -113,8 +119,6 @@ class SimulatedQuantize(Pass):
         return quantizers
 
     def _calibrate(self, gm, quantizers: dict[str, ActQuant], batches, info: dict) -> None:
-        was = gm.training
-        gm.eval()
         for q in quantizers.values():
             q.calibrating = True
         with torch.no_grad():
@@ -139,6 +143,5 @@ class SimulatedQuantize(Pass):
         finally:
             for h in hooks:
                 h.remove()
-            gm.train(was)
         for layer, e in errors.items():
             info["layers"].setdefault(layer, {})["input_rel_error"] = e

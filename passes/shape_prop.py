@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from sntfx.errors import SntfxError
 from sntfx.pass_base import Pass, PassContext, PassResult, Property, register_pass
 from sntfx.tracing import propagate_shapes
 
@@ -26,9 +25,14 @@ class ShapePropagation(Pass):
     name = "shapes"
     provides = frozenset({Property.SHAPES})
 
+    needs_eval = True
+
+    def check(self, ctx: PassContext) -> str | None:
+        return None if ctx.example_inputs else "example inputs (PassContext(example_inputs=(x,)))"
+
+    check_replay = check
+
     def run(self, gm, ctx: PassContext) -> PassResult:
-        if not ctx.example_inputs:
-            raise SntfxError("the 'shapes' pass needs example inputs: PassContext(example_inputs=(x,))")
         propagate_shapes(gm, ctx.example_inputs)
         # Metadata only: the module and its graph are unchanged.
         return PassResult(gm, False, Counter({"nodes": len(gm.graph.nodes)}))

@@ -51,10 +51,17 @@ class SNTFold(Pass):
         return Numerics.EXACT
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return self._fold(gm, ctx, measure=True)
+
+    def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Fold without measuring each block's error (the weights are about to be loaded)."""
+        return self._fold(gm, ctx, measure=False)
+
+    def _fold(self, gm: fx.GraphModule, ctx: PassContext, *, measure: bool) -> PassResult:
         blocks = [(name, m) for name, m in gm.named_modules() if isinstance(m, SNTBlock)]
         if not blocks:
             return PassResult(gm, False, Counter({"no blocks": 1}))
-        inputs = {} if ctx.rebuild else _block_inputs(gm, [n for n, _ in blocks], ctx)
+        inputs = _block_inputs(gm, [n for n, _ in blocks], ctx) if measure else {}
         stats: Counter = Counter()
         errors: dict[str, float] = {}
         for name, block in blocks:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +87,12 @@ def transform(
     """
     from sntfx.passes import SNTExpand
 
-    if isinstance(model, fx.GraphModule) and "sntfx" in model.meta:
-        gm = model if inplace else copy.deepcopy(model)
-    else:
-        gm = trace(model, example_inputs)
+    given = isinstance(model, fx.GraphModule) and "sntfx" in model.meta
+    gm = model if given else trace(model, example_inputs)
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
     expand = SNTExpand(style=style, ratio=ratio, policy=policy, preserve=preserve, online=online, seed=seed)
-    result = PassManager([expand], check=check).run(gm, PassContext(example_inputs=inputs, seed=seed))
+    result = PassManager([expand], check=check).run(gm, PassContext(example_inputs=inputs, seed=seed),
+                                                    inplace=inplace or not given)
     return (result.graph_module, result) if report else result.graph_module
 
 
@@ -123,10 +121,8 @@ def fold(
     if not isinstance(model, fx.GraphModule):
         raise TypeError("sntfx.fold expects a GraphModule from sntfx.transform or sntfx.load")
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(model)
-    if not inplace:
-        model = copy.deepcopy(model)
     passes = [SNTFold()] + ([FoldBatchNorm()] if batchnorm else [])
-    result = PassManager(passes, check=check).run(model, PassContext(example_inputs=inputs))
+    result = PassManager(passes, check=check).run(model, PassContext(example_inputs=inputs), inplace=inplace)
     return (result.graph_module, result) if report else result.graph_module
 
 

@@ -8,7 +8,6 @@ and W4A8 with activations calibrated on real data.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -81,7 +80,7 @@ def parse_sweep_axis(text: str, kind: str, option: str) -> list:
 def apply_pass(gm: fx.GraphModule, p: Pass, data: Data | None = None, *, calib_batches: int = 16,
                batch_size: int = 64, inplace: bool = False):
     """Run one compression pass on ``gm`` (a copy unless ``inplace``); returns the pass report."""
-    target = gm if inplace else copy.deepcopy(gm)
+    target = gm
     ctx = PassContext(example_inputs=(torch.zeros(data.info.input_shape(2)),) if data else None)
     if data is not None:
         batches = fixed_batches(data.train, batches=calib_batches, batch_size=batch_size, seed=1)
@@ -92,7 +91,7 @@ def apply_pass(gm: fx.GraphModule, p: Pass, data: Data | None = None, *, calib_b
 
         spec = sntfx_meta(target).get("input_spec")
         ctx.example_inputs = inputs_from_spec(spec) if spec else None
-    return PassManager([p]).run(target, ctx)
+    return PassManager([p]).run(target, ctx, inplace=inplace)
 
 
 def accuracy(gm: torch.nn.Module, data: Data, *, batch_size: int = 256, limit: int | None = None) -> float:

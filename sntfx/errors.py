@@ -13,6 +13,7 @@ __all__ = [
     "PassError",
     "PipelineError",
     "PipelineOrderError",
+    "PassPreconditionError",
     "EquivalenceError",
     "PolicyError",
     "FileFormatError",
@@ -54,6 +55,16 @@ class PipelineError(SntfxError):
 
 class PipelineOrderError(PipelineError):
     """A pass requires a property that no earlier pass (or the model) provides."""
+
+
+class PassPreconditionError(PipelineError):
+    """A pass needs something from the context (example inputs, calibration data) that is not there."""
+
+    def __init__(self, pass_name: str, missing: str, *, position: int = 0):
+        super().__init__(f"pass '{pass_name}' (step {position + 1} of the pipeline) cannot run: it needs {missing}; "
+                         "nothing was run")
+        self.pass_name = pass_name
+        self.missing = missing
 
 
 class EquivalenceError(PassError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -14,6 +17,7 @@ __all__ = [
     "shared_parameter_owners",
     "is_plain",
     "randomize_",
+    "mode",
 ]
 
 
@@ -103,3 +107,19 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
                     rm.copy_(torch.empty(rm.shape).normal_(0, 0.2, generator=gen))
                 m.running_var.copy_(torch.empty(m.running_var.shape).uniform_(0.5, 2.0, generator=gen))
     return module
+
+
+@contextlib.contextmanager
+def mode(module: torch.nn.Module, *, training: bool) -> Iterator[torch.nn.Module]:
+    """Put ``module`` in training or eval mode for a ``with`` block, then restore its mode exactly.
+
+    Restores every submodule's own flag (a model may keep, say, frozen
+    BatchNorms in eval mode inside a training model), also on an error.
+    """
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, flag in saved:
+            m.training = flag

@@ -5,11 +5,26 @@ A pass is an object with
 * ``name``: the registered name used in pipeline strings (``"snt"``, ``"fold"``);
 * ``requires`` / ``provides`` / ``invalidates``: :class:`Property` sets that
   the :class:`~sntfx.pass_manager.PassManager` checks before running anything;
-* ``needs_eval``: run in eval mode (BatchNorm uses running statistics);
+* ``needs_eval``: run in eval mode (BatchNorm uses running statistics); the
+  manager switches the mode and restores it, passes never do;
 * ``numerics``: whether outputs stay :attr:`Numerics.EXACT`, stay within
   ``tolerance`` (:attr:`Numerics.TOLERANCE`), or change on purpose
   (:attr:`Numerics.CHANGES`);
-* ``run(gm, ctx) -> PassResult(gm, modified, stats)``.
+* ``inplace``: the pass rewrites the module it is given and returns it (the
+  manager checks); copying, when the caller wants it, happens once, at the
+  entry of :meth:`~sntfx.pass_manager.PassManager.run`;
+* ``check(ctx)`` / ``check_replay(ctx)``: what the pass needs from the context
+  (example inputs, calibration data), checked for the whole pipeline before
+  any pass runs, so a pipeline never fails half done for a missing input;
+* ``run(gm, ctx) -> PassResult(gm, modified, stats)``;
+* ``replay(gm, ctx)``: what the pass does while :func:`sntfx.load` rebuilds a
+  saved model, whose weights are loaded afterwards: recreate the structure
+  (modules, graph, shapes), skip data-dependent work. The default is ``run``,
+  right for passes whose structure does not depend on the weights; a pass
+  that only changes weights replays as a no-op, one that measures skips it.
+
+Adding a pass is one module: a subclass decorated with :func:`register_pass`,
+imported by ``sntfx.passes`` (or by your code before the pipeline is parsed).
 
 Passes are registered by name with :func:`register_pass` so a pipeline can be
 written as a string: ``parse_pipeline("snt(style=linear,ratio=4),fold")``.
@@ -67,8 +82,8 @@ class PassContext:
     Attributes:
         example_inputs: inputs for numerical checks and measurements.
         seed: seeds every random initialisation a pass does.
-        rebuild: True while a saved recipe is replayed; passes then skip
-            measurements (the weights are about to be overwritten anyway).
+        rebuild: True while a saved recipe is replayed; the manager then
+            calls each pass's ``replay`` instead of ``run``.
         calibration: batches of real inputs, for passes that calibrate
             (activation quantization).
         calibration_labeled: ``(inputs, labels)`` batches, for passes that
@@ -110,6 +125,7 @@ class Pass(abc.ABC):
     provides: ClassVar[frozenset[Property]] = frozenset()
     invalidates: ClassVar[frozenset[Property]] = frozenset()
     needs_eval: ClassVar[bool] = False
+    inplace: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-5
 
     @property
@@ -121,9 +137,21 @@ class Pass(abc.ABC):
         """JSON-able constructor arguments: ``type(self)(**self.params())`` rebuilds the pass."""
         return {}
 
+    def check(self, ctx: PassContext) -> str | None:
+        """What ``run`` needs from ``ctx`` and does not find (e.g. "example inputs"), or None."""
+        return None
+
+    def check_replay(self, ctx: PassContext) -> str | None:
+        """What ``replay`` needs from ``ctx`` and does not find, or None."""
+        return None
+
     @abc.abstractmethod
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        """Rewrite ``gm`` (in place or not) and say what happened."""
+        """Rewrite ``gm`` in place and say what happened."""
+
+    def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Redo the structural part of :meth:`run` while a saved model is rebuilt (see the module docstring)."""
+        return self.run(gm, ctx)
 
     def spec(self) -> str:
         """This pass as a pipeline-string item, e.g. ``snt(style=linear,ratio=4)``."""

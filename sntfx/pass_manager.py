@@ -6,8 +6,13 @@ model has (:func:`graph_properties`) and each pass's ``requires`` /
 pipeline with a :class:`~sntfx.errors.PipelineOrderError` that names the pass
 that would provide it.
 
-For each pass it then: switches to eval mode when the pass asks; runs it;
-lints and recompiles the graph; optionally compares outputs with the previous
+It then checks every pass's preconditions on the context (``Pass.check``,
+``Pass.check_replay`` when a saved model is rebuilt), again before anything
+runs, and copies the model once if the caller asked for a copy.
+
+For each pass it then: switches to eval mode when the pass asks (and back
+afterwards); runs it (``replay`` while a saved model is rebuilt); checks that
+an in-place pass returned the module it was given; lints and recompiles the graph; optionally compares outputs with the previous
 ones when the pass claims exactness (``check=True``); records the pass in the
 model's recipe (``gm.meta["sntfx"]["pipeline"]``); and adds a row to the
 :class:`PipelineReport` (time, nodes and parameters before/after, stats).
@@ -21,6 +26,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import time
 from collections import Counter
@@ -31,11 +38,13 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 
-from .errors import EquivalenceError, PassError, PipelineOrderError, SntfxError
+from .errors import EquivalenceError, PassError, PassPreconditionError, PipelineOrderError, SntfxError
 from .pass_base import Numerics, Pass, PassContext, PassResult, Property, parse_pipeline, registered_passes
+from .graph_utils import mode
 from .tracing import compare_outputs, sntfx_meta
 
-__all__ = ["PassManager", "PassReport", "PipelineReport", "Instrument", "graph_properties", "count_parameters"]
+__all__ = ["PassManager", "PassReport", "PipelineReport", "Instrument", "graph_properties", "count_parameters",
+           "mode"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,11 @@ log = logging.getLogger(__name__)
 def count_parameters(module: torch.nn.Module) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+# Instruments attached to every pipeline in this process: for test suites and debugging sessions
+# (``sntfx.testing.instrument_every_pipeline``), so that no test has to patch the manager.
+_PROCESS_INSTRUMENTS: list = []
 
 
 def graph_properties(gm: fx.GraphModule) -> set[Property]:
@@ -165,12 +179,27 @@ class PassManager:
             state |= set(p.provides)
             done.append(p.name)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PipelineReport:
-        """Run every pass on ``gm``; return the report (``report.graph_module``)."""
+    def check_preconditions(self, ctx: PassContext) -> None:
+        """Raise PassPreconditionError for the first pass that lacks something in ``ctx``."""
+        for position, p in enumerate(self.passes):
+            missing = p.check_replay(ctx) if ctx.rebuild else p.check(ctx)
+            if missing:
+                raise PassPreconditionError(p.name, missing, position=position)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None, *, inplace: bool = True) -> PipelineReport:
+        """Run every pass on ``gm`` (or on one copy of it, ``inplace=False``); return the report.
+
+        The result is ``report.graph_module``. Order and preconditions are
+        checked for the whole pipeline first: when one fails, nothing has run.
+        """
         if not isinstance(gm, fx.GraphModule):
             raise TypeError("PassManager.run needs a torch.fx.GraphModule; call sntfx.trace(model, inputs) first")
         ctx = ctx or PassContext()
         self.validate(graph_properties(gm))
+        self.check_preconditions(ctx)
+        if not inplace:
+            gm = copy.deepcopy(gm)
+        instruments = [*self.instruments, *_PROCESS_INSTRUMENTS]
         reports: list[PassReport] = []
         done: list[str] = []
         for p in self.passes:
@@ -179,14 +208,13 @@ class PassManager:
             if wants_check:
                 reference = _eval_outputs(gm, ctx.example_inputs)
             nodes_before, params_before = len(gm.graph.nodes), count_parameters(gm)
-            for inst in self.instruments:
+            for inst in instruments:
                 inst.before_pass(p, gm)
             was_training = gm.training
-            if p.needs_eval:
-                gm.eval()
             start = time.perf_counter()
             try:
-                result = p.run(gm, ctx)
+                with mode(gm, training=False) if p.needs_eval else contextlib.nullcontext():
+                    result = p.replay(gm, ctx) if ctx.rebuild else p.run(gm, ctx)
             except PassError:
                 raise
             except SntfxError as exc:
@@ -195,14 +223,15 @@ class PassManager:
                 raise PassError(
                     p.name, f"{type(exc).__name__}: {exc}", previous=tuple(done)
                 ) from exc
-            finally:
-                gm.train(was_training)
             seconds = time.perf_counter() - start
             if not isinstance(result, PassResult) or not isinstance(result.graph_module, fx.GraphModule):
                 raise PassError(p.name, "run() must return PassResult(graph_module, modified, stats)")
             new_gm = result.graph_module
-            new_gm.train(was_training)
+            if p.inplace and new_gm is not gm:
+                raise PassError(p.name, "declares inplace=True but returned a different GraphModule; rewrite the "
+                                "module it is given, or declare inplace = False", previous=tuple(done))
             if new_gm is not gm:
+                new_gm.train(was_training)
                 new_gm.meta.update({k: v for k, v in gm.meta.items() if k not in new_gm.meta})
             try:
                 new_gm.graph.lint()
@@ -220,7 +249,7 @@ class PassManager:
                         f"error of {err:.3g} (tolerance {p.tolerance:g})",
                         previous=tuple(done),
                     )
-            for inst in self.instruments:
+            for inst in instruments:
                 inst.after_pass(p, result)
             if result.modified or ctx.rebuild:
                 # A replayed recipe keeps every step it replays, changed or not.

@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_leaves
 
 from .blocks import SNTBlock
 from .errors import TraceError
-from .graph_utils import is_plain
+from .graph_utils import is_plain, mode
 
 __all__ = [
     "trace",
@@ -164,13 +164,8 @@ def compare_outputs(a: Any, b: Any) -> float:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
     """Record ``tensor_meta`` (shape, dtype, ...) on every node, in eval mode."""
     inputs = as_input_tuple(example_inputs)
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
-    finally:
-        gm.train(was_training)
+    with mode(gm, training=False), torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
 
 
 def _first_line(exc: BaseException) -> str:

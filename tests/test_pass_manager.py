@@ -171,3 +171,116 @@ def test_fold_bn_pass_alone_is_exact():
     report = PassManager([FoldBatchNorm()], check=True).run(gm, PassContext(example_inputs=(x,)))
     assert report.passes[0].stats == {"folded": 2}
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in report.graph_module.modules())
+
+
+# -- the pass contract (v2): preconditions, replay, eval mode, copy, in-place -------------------------------
+
+
+class _Recorder(Pass):
+    """A test pass that records how the manager called it."""
+
+    name = "test_recorder"
+    needs_eval = True
+
+    def __init__(self, needs: str | None = None, replace: bool = False):
+        self.needs, self.replace, self.calls = needs, replace, []
+
+    def check(self, ctx):
+        return self.needs if self.needs and not ctx.calibration else None
+
+    def run(self, gm, ctx):
+        self.calls.append(("run", gm.training, [m.training for m in gm.modules()]))
+        if self.replace:
+            import copy
+
+            gm = copy.deepcopy(gm)
+        return PassResult(gm, False)
+
+    def replay(self, gm, ctx):
+        self.calls.append(("replay", gm.training, None))
+        return PassResult(gm, False)
+
+
+def test_preconditions_are_checked_for_the_whole_pipeline_before_anything_runs():
+    gm, x = _gm()
+    rec = _Recorder(needs="calibration batches")
+    with pytest.raises(sntfx.errors.PassPreconditionError, match=r"'test_recorder' \(step 2 .*calibration batches"):
+        PassManager([SNTExpand(style="linear"), rec]).run(gm, PassContext(example_inputs=(x,)))
+    assert not any(isinstance(m, sntfx.blocks.SNTBlock) for m in gm.modules())  # the first pass never ran
+    assert rec.calls == []
+
+
+def test_the_quantize_pass_declares_its_calibration_need():
+    gm, x = _gm()
+    w = gm.conv1.weight.clone()
+    with pytest.raises(sntfx.errors.PassPreconditionError, match="'quantize'.*calibration data"):
+        PassManager("prune(sparsity=0.5),quantize(wbits=4,abits=8)").run(gm, PassContext(example_inputs=(x,)))
+    assert torch.equal(gm.conv1.weight, w)  # prune did not run either
+
+
+def test_replay_is_called_on_rebuild_and_run_otherwise():
+    gm, x = _gm()
+    rec = _Recorder()
+    PassManager([rec]).run(gm, PassContext(example_inputs=(x,)))
+    PassManager([rec]).run(gm, PassContext(example_inputs=(x,), rebuild=True))
+    assert [c[0] for c in rec.calls] == ["run", "replay"]
+
+
+def test_needs_eval_is_honoured_and_every_modules_mode_restored():
+    gm, x = _gm()
+    gm.train()
+    frozen = next(m for m in gm.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen.eval()  # a frozen norm inside a training model keeps its own mode
+    rec = _Recorder()
+    PassManager([rec]).run(gm, PassContext(example_inputs=(x,)))
+    assert rec.calls[0][1] is False and not any(rec.calls[0][2])  # the pass saw eval mode throughout
+    assert gm.training and not frozen.training
+
+
+def test_an_inplace_pass_that_returns_another_module_is_refused():
+    gm, x = _gm()
+    with pytest.raises(sntfx.PassError, match="inplace=True but returned a different GraphModule"):
+        PassManager([_Recorder(replace=True)]).run(gm, PassContext(example_inputs=(x,)))
+
+
+def test_copy_once_at_entry_leaves_the_input_untouched():
+    gm, x = _gm()
+    report = PassManager("snt(style=linear),fold").run(gm, PassContext(example_inputs=(x,)), inplace=False)
+    assert report.graph_module is not gm
+    assert not any(isinstance(m, sntfx.blocks.SNTBlock) for m in gm.modules())
+    assert "pipeline" not in sntfx_meta(gm)
+
+
+def test_the_shapes_pass_records_every_nodes_shape():
+    from sntfx.passes import ShapePropagation
+
+    gm, x = _gm()
+    for node in gm.graph.nodes:
+        node.meta.pop("tensor_meta", None)
+    with pytest.raises(sntfx.errors.PassPreconditionError, match="example inputs"):
+        PassManager([ShapePropagation()]).run(gm, PassContext())
+    report = PassManager([ShapePropagation()]).run(gm, PassContext(example_inputs=(x,)))
+    assert not report.modified  # metadata only
+    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op not in ("output",)
+              if "tensor_meta" in n.meta}
+    assert shapes["x"] == tuple(x.shape) and len(shapes) == len([n for n in gm.graph.nodes if n.op != "output"])
+
+
+def test_testing_helpers_check_equivalence_and_catch_a_lying_pass():
+    from sntfx.testing import assert_equivalent
+
+    gm, x = _gm()
+    snt = sntfx.transform(gm, (x,), style="branch", preserve=True)
+    report = assert_equivalent(SNTFold(), snt, (x,))
+    assert not any(isinstance(m, sntfx.blocks.SNTBlock) for m in report.graph_module.modules())
+
+    class Liar(Pass):
+        name = "test_liar"
+
+        def run(self, gm, ctx):
+            with torch.no_grad():
+                gm.conv1.weight.mul_(2)
+            return PassResult(gm, True)
+
+    with pytest.raises(sntfx.EquivalenceError, match="test_liar"):
+        assert_equivalent(Liar(), gm, (x,))
