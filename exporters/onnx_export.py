@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from sntfx.blocks import SNTBlock
-from sntfx.errors import SntfxError
+from sntfx.errors import DiskFullError, SntfxError
+from sntfx.io import is_disk_full
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "verify_onnx", "compare_arrays"]
 
@@ -144,6 +145,7 @@ def _export(model, inputs, path: Path, opset: int, dynamic_batch: bool) -> tuple
         program.save(str(path), external_data=_needs_external(model))
         return "torch.export (dynamo)", ""
     except Exception as exc:  # noqa: BLE001 - any failure falls back to the TorchScript exporter
+        _raise_if_disk_full(exc, path)
         reason = _reason(exc)
         log.warning("torch.export-based ONNX export failed (%s); falling back to the TorchScript exporter", reason)
     names = [f"input_{i}" for i in range(len(inputs))] if len(inputs) > 1 else ["input"]
@@ -154,11 +156,18 @@ def _export(model, inputs, path: Path, opset: int, dynamic_batch: bool) -> tuple
         torch.onnx.export(model, inputs, str(path), dynamo=False, opset_version=opset, input_names=names,
                           output_names=["output"], dynamic_axes=axes)
     except Exception as exc:  # noqa: BLE001
+        _raise_if_disk_full(exc, path)
         raise ExportError(
             f"both ONNX exporters failed. torch.export: {reason}. TorchScript: {_reason(exc)}. Replace the "
             "unsupported operation, or keep it out of the exported part of the model."
         ) from exc
     return "torchscript", reason
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    if is_disk_full(exc):
+        raise DiskFullError(f"cannot write '{path.name}': no space left on its device (or over a quota); nothing "
+                            "was written. Free some space or choose another output location") from exc
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -207,23 +216,29 @@ def export_onnx(
         raise ExportError(f"output folder '{path.parent}' does not exist")
     model = model.eval()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sntfx-export-") as tmp:
-        tmp_path = Path(tmp) / path.name
-        exporter, fallback = _export(model, inputs, tmp_path, opset, dynamic_batch)
-        simplified = _simplify(tmp_path) if simplify else False
-        try:
-            onnx.checker.check_model(str(tmp_path), full_check=True)
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
-        vin = verify_inputs if verify_inputs is not None else inputs
-        vin = (vin,) if isinstance(vin, torch.Tensor) else tuple(vin)
-        verification = verify_onnx(tmp_path, model, vin, rtol=rtol, min_top1=min_top1)
-        if not verification["ok"]:
-            raise ExportError(f"the ONNX model disagrees with torch: {verification.get('reason')}; nothing was written")
-        external = any(p.name != path.name for p in Path(tmp).iterdir())
-        size = sum(p.stat().st_size for p in Path(tmp).iterdir())
-        for p in Path(tmp).iterdir():
-            os.replace(p, path.parent / p.name)
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sntfx-export-") as tmp:
+            tmp_path = Path(tmp) / path.name
+            exporter, fallback = _export(model, inputs, tmp_path, opset, dynamic_batch)
+            simplified = _simplify(tmp_path) if simplify else False
+            try:
+                onnx.checker.check_model(str(tmp_path), full_check=True)
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"the exported model fails onnx.checker: {exc}") from exc
+            vin = verify_inputs if verify_inputs is not None else inputs
+            vin = (vin,) if isinstance(vin, torch.Tensor) else tuple(vin)
+            verification = verify_onnx(tmp_path, model, vin, rtol=rtol, min_top1=min_top1)
+            if not verification["ok"]:
+                raise ExportError(f"the ONNX model disagrees with torch: {verification.get('reason')}; nothing was written")
+            external = any(p.name != path.name for p in Path(tmp).iterdir())
+            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+            for p in Path(tmp).iterdir():
+                os.replace(p, path.parent / p.name)
+    except DiskFullError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a full disk may surface from any of the writers above
+        _raise_if_disk_full(exc, path)
+        raise
     return ExportReport(str(path), exporter, opset, dynamic_batch, external, simplified, size,
                         time.perf_counter() - start, verification, fallback)
 

@@ -435,7 +435,7 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     from .data import load_data
     from .io import check_output_path
     from .serialization import save
-    from .train import Trainer, TrainConfig, _dist_info, init_distributed, resolve_device
+    from .train import Trainer, TrainConfig, _dist_info, init_distributed, resolve_device, shutdown_distributed
     from .workflow import is_model_file, model_for_data
 
     out_path = check_output_path(out, [model] + ([data_name] if Path(data_name).exists() else []))
@@ -453,6 +453,7 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
                          limit_batches=limit_batches, deterministic=deterministic, sync_bn=sync_bn,
                          num_workers=workers, device=device)
     init_distributed(str(resolve_device(device)))
+    click.get_current_context().call_on_close(shutdown_distributed)  # leave the group once rank 0 has saved
     rank = _dist_info()[0]
     data = load_data(data_name, data_dir=data_dir, seed=seed)
     import torch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .errors import DiskFullError, SntfxError
 
-__all__ = ["atomic_write", "check_output_path", "current_umask"]
+__all__ = ["atomic_write", "atomic_torch_save", "check_output_path", "current_umask", "is_disk_full"]
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -52,6 +52,11 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     return out
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it wraps) reports a full disk, a quota or a file-size limit."""
+    return _is_disk_full(exc)
+
+
 def _is_disk_full(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:  # torch wraps OS errors in RuntimeError
@@ -63,6 +68,22 @@ def _is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`.
+
+    torch writes to an open file object here, not to a path: its own file
+    writer reports a full disk without an errno ("unexpected pos"), while
+    writes through Python's file object keep the OS error.
+    """
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    return atomic_write(path, write)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -45,7 +45,7 @@ from torch import nn
 
 from . import signing
 from .errors import FileFormatError, SntfxError, UntrustedSourceError
-from .io import atomic_write
+from .io import atomic_torch_save
 from .models import ModelSpec
 from .pass_base import PassContext, pass_from_spec
 from .tracing import inputs_from_spec, sntfx_meta, trace
@@ -131,7 +131,7 @@ def save(model: nn.Module, path: str | Path, *, source: ModelSpec | str | None =
     signature = signing.sign(digest)
     if signature is not None:
         payload["signature"] = signature
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return atomic_torch_save(payload, path)
 
 
 def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:

@@ -481,10 +481,12 @@ class Study:
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every stage of every run, then write the report; returns ``results.json``'s content."""
-        from .train import _dist_info, init_distributed, resolve_device
+        from .train import distributed_session
 
-        init_distributed(str(resolve_device(self.config.device)))  # under torchrun: join the group first
-        rank, _, _ = _dist_info()
+        with distributed_session(self.config.device) as (rank, _, _):  # under torchrun: join the group, then leave
+            return self._run(rank)
+
+    def _run(self, rank: int) -> dict[str, Any]:
         runs = self.runs()
         _ = self.data  # a missing dataset fails here, before anything is written
         if rank == 0:

@@ -16,7 +16,13 @@ DistributedDataParallel (gloo on CPU, NCCL on GPU); every global batch of
 ``batch_size`` samples is split evenly across ranks, so a run on N processes
 computes the same gradients as one process with the same global batch
 (BatchNorm batch statistics aside: they are per rank unless ``sync_bn``).
-Rank 0 alone logs, evaluates and writes files.
+Rank 0 alone logs, evaluates and writes files. On a GPU each process is
+bound to the GPU of its ``LOCAL_RANK`` (:func:`resolve_device`). A resumed
+run reads the checkpoint on rank 0 only and broadcasts it, so every rank
+starts from the same state even without a shared file system. The process
+group is destroyed when training ends or fails if sntfx created it
+(:func:`distributed_session`, :func:`shutdown_distributed`); a group the
+caller initialised is left alone.
 
 SNT. LinearExpansion blocks train with the online fold by default: the block
 composes its effective kernel and runs one convolution per step (same
@@ -30,6 +36,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,10 +51,11 @@ from torch.utils.data import DataLoader, Sampler
 from .blocks import LinearExpansion
 from .data import Data
 from .errors import SntfxError
-from .io import atomic_write
+from .io import atomic_torch_save, atomic_write
 from .sam import SAM
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainCallback", "evaluate", "checkpoint_path", "metrics_path"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainCallback", "evaluate", "checkpoint_path", "metrics_path",
+           "init_distributed", "shutdown_distributed", "distributed_session", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +123,8 @@ class TrainConfig:
 class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    rank: int = 0  # this process's rank in the run (0 when not distributed); only rank 0 should write files
+    world_size: int = 1
 
     @property
     def final(self) -> dict[str, Any]:
@@ -185,26 +196,135 @@ def _mix(*values: int) -> int:
 
 
 def _dist_info() -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process; (0, 1, 0) without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
     return 0, 1, 0
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+_OWNED_GROUP = False  # True while the default process group is one init_distributed created
+_GENERATION = 0  # process groups init_distributed has created in this process (the same count on every rank)
+
+
 def init_distributed(device: str) -> bool:
-    """Initialise the process group when launched by torchrun; True if distributed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend=backend)
+    """Initialise the process group when launched by torchrun; True if distributed.
+
+    Does nothing (and returns whether a group exists) when ``WORLD_SIZE`` is 1
+    or the caller already initialised one. A group created here is remembered:
+    :func:`shutdown_distributed` destroys it, and only it.
+    """
+    global _OWNED_GROUP
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _initialized():
+        return _initialized()
+    if not dist.is_available():
+        raise SntfxError("this PyTorch build has no torch.distributed; run on one process (without torchrun)")
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        # NCCL must see each process on its own GPU before the group forms.
+        torch.cuda.set_device(dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
+    # torchrun's rendezvous (env://), with the keys of each group sntfx creates under their own prefix: a group
+    # created again after shutdown_distributed (a second Trainer.fit in the same job) must not find the
+    # addresses the destroyed group left in the store, or the ranks can wait forever on sockets long closed.
+    global _GENERATION
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"sntfx/{_GENERATION}", store)
+    _GENERATION += 1
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+    _OWNED_GROUP = True
     return True
 
 
+def shutdown_distributed() -> bool:
+    """Destroy the default process group if :func:`init_distributed` created it; True if it did.
+
+    A group the caller initialised itself is left alone. Safe to call twice,
+    or without any group.
+    """
+    global _OWNED_GROUP
+    owned, _OWNED_GROUP = _OWNED_GROUP, False
+    if owned and _initialized():
+        dist.destroy_process_group()
+        return True
+    return False
+
+
+@contextmanager
+def distributed_session(device: str = "auto") -> Iterator[tuple[int, int, int]]:
+    """Join the torchrun process group for the duration of a ``with`` block; yields (rank, world, local rank).
+
+    Resolves ``device`` first (binding each process to the GPU of its
+    ``LOCAL_RANK``), initialises the group if this block is the one that
+    creates it, and destroys that group on the way out, also on an error.
+    Without torchrun it is a no-op yielding ``(0, 1, 0)``. Use it around
+    ``Trainer.fit`` and whatever must know the rank afterwards (who saves)::
+
+        with distributed_session(config.device) as (rank, world, _):
+            result = Trainer(config).fit(model, data, out)
+            if rank == 0:
+                sntfx.save(model, out)
+    """
+    created = not _initialized() and init_distributed(str(resolve_device(device)))
+    try:
+        yield _dist_info()
+    finally:
+        if created:
+            shutdown_distributed()
+
+
+def _world_size_env() -> int:
+    if _initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(name: str) -> torch.device:
+    """The torch device for a ``--device`` value (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ...).
+
+    Under a multi-process run (torchrun, ``WORLD_SIZE > 1``) a CUDA device is
+    always ``cuda:LOCAL_RANK`` and that GPU becomes this process's current
+    device (``torch.cuda.set_device``), also for a plain ``cuda``; an explicit
+    index other than ``LOCAL_RANK`` is an error (two processes must not share
+    a GPU). On one process ``auto`` means ``cuda:LOCAL_RANK`` (``cuda:0``) when
+    CUDA is available and any other name is taken as given.
+    """
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun-style multi-process run: LOCAL_RANK says which GPU is this process's (a group initialised by the
+    # caller without LOCAL_RANK keeps the old behaviour: the device as given)
+    multi = _world_size_env() > 1 and "LOCAL_RANK" in os.environ
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    return torch.device(name)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", local)
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError) as exc:
+            raise SntfxError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from exc
+        if device.type != "cuda":
+            return device
+        if not torch.cuda.is_available():
+            raise SntfxError(f"device '{name}' asked for, but CUDA is not available here; use --device cpu (or auto)")
+        if not multi:
+            return device
+        if device.index is not None and device.index != local:
+            raise SntfxError(
+                f"device '{name}' conflicts with this process's LOCAL_RANK {local}: under torchrun every process uses "
+                f"the GPU of its local rank (cuda:{local} here). Pass --device cuda (or auto), and choose the GPUs "
+                "with CUDA_VISIBLE_DEVICES")
+        device = torch.device("cuda", local)
+    if multi:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise SntfxError(
+                f"LOCAL_RANK {local} needs cuda:{local}, but this node has only {count} visible GPU"
+                f"{'s' if count != 1 else ''}; start at most {count} processes per node (--nproc_per_node)")
+        torch.cuda.set_device(device.index)
+    return device
 
 
 def set_online_fold(model: nn.Module, online: bool) -> int:
@@ -272,9 +392,27 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------
     def fit(self, model: nn.Module, data: Data, out: str | Path, *, resume: bool = False) -> TrainResult:
+        """Train ``model`` in place on ``data``; files go beside ``out`` (checkpoint, metrics).
+
+        Under torchrun the process group is joined here unless the caller did
+        so already; a group created here is destroyed before returning (or on
+        an error), so read the rank from ``result.rank``, or wrap the call in
+        :func:`distributed_session` to keep the group for what comes after.
+        """
         c = self.config
         device = resolve_device(c.device)
+        created = not _initialized()
         distributed = init_distributed(str(device))
+        created = created and distributed
+        try:
+            return self._fit(model, data, out, resume, device, distributed)
+        finally:
+            if created:
+                shutdown_distributed()
+
+    def _fit(self, model: nn.Module, data: Data, out: str | Path, resume: bool, device: torch.device,
+             distributed: bool) -> TrainResult:
+        c = self.config
         rank, world, _ = _dist_info()
         if c.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -289,26 +427,33 @@ class Trainer:
         loader = DataLoader(data.train, batch_sampler=sampler, num_workers=c.num_workers)
         test_loader = DataLoader(data.test, batch_size=max(c.batch_size // world, 1), shuffle=False,
                                  num_workers=c.num_workers)
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if distributed else model
         opt = self._optimizer(model)
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
-        result = TrainResult()
+        result = TrainResult(rank=rank, world_size=world)
         start_epoch, start_step = 0, 0
         ckpt = checkpoint_path(out)
-        if resume and ckpt.exists():
-            state = _load_checkpoint(ckpt)
-            if state["config"] != _comparable(c):
-                raise SntfxError(f"checkpoint '{ckpt}' was written with a different configuration; remove it or "
-                                 "train without --resume")
+        # Rank 0 reads the checkpoint and every rank gets its content from rank 0 (no shared file system needed),
+        # before DDP wraps the model: all ranks start from rank 0's weights, optimizer state and position.
+        state = self._resume_state(ckpt, rank, distributed) if resume else None
+        if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start_epoch, start_step = state["epoch"], state["step_in_epoch"]
             result.history = state["history"]
             result.seconds = state["seconds"]
-            log.info("resuming from %s at epoch %d, step %d", ckpt, start_epoch + 1, start_step)
-        elif ckpt.exists() and rank == 0:
+            if rank == 0:
+                log.info("resuming from %s at epoch %d, step %d", ckpt, start_epoch + 1, start_step)
+            else:
+                log.debug("rank %d: resuming from rank 0's checkpoint at epoch %d, step %d", rank, start_epoch + 1,
+                          start_step)
+        elif resume and ckpt.exists():  # rank 0 has none: the whole run starts over, this rank too
+            log.warning("rank %d: ignoring %s: rank 0 has no checkpoint to resume from, so every rank starts fresh",
+                        rank, ckpt)
+        elif rank == 0 and ckpt.exists():
             log.warning("ignoring existing checkpoint %s (pass --resume to continue it)", ckpt)
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None) \
+            if distributed else model
 
         steps_per_epoch, total = sampler.steps, sampler.steps * c.epochs
         for epoch in range(start_epoch, c.epochs):
@@ -371,6 +516,37 @@ class Trainer:
             dist.barrier()
         return result
 
+    def _resume_state(self, ckpt: Path, rank: int, distributed: bool) -> dict | None:
+        """The checkpoint to resume from, as rank 0 reads it, on every rank; None to start fresh.
+
+        Rank 0 alone opens the file (a stale file on another rank's disk is
+        never read). Its verdict, the state or an error message, is broadcast
+        so that all ranks resume, start fresh or fail together.
+        """
+        payload: tuple[str, Any] | None = None
+        error: SntfxError | None = None
+        if rank == 0 and ckpt.exists():
+            try:
+                state = _load_checkpoint(ckpt)
+                if state["config"] != _comparable(self.config):
+                    raise SntfxError(f"checkpoint '{ckpt}' was written with a different configuration; remove it or "
+                                     "train without --resume")
+                payload = ("state", state)
+            except SntfxError as exc:
+                error, payload = exc, ("error", str(exc))
+        if distributed:
+            box = [payload]
+            dist.broadcast_object_list(box, src=0)  # CPU tensors, pickled; NCCL sends them via this rank's GPU
+            payload = box[0]
+        if error is not None:
+            raise error
+        if payload is None:
+            return None
+        kind, value = payload
+        if kind == "error":
+            raise SntfxError(f"rank 0: {value}")
+        return value
+
     def _checkpoint(self, path: Path, model, opt, epoch: int, step: int, result: TrainResult, rank: int) -> None:
         if rank != 0:
             return
@@ -384,7 +560,7 @@ class Trainer:
             "seconds": result.seconds,
             "config": json.dumps(_comparable(self.config), sort_keys=True),
         }
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_torch_save(state, path)
 
 
 def _comparable(c: TrainConfig) -> dict:
