@@ -412,7 +412,8 @@ def _progress():
 @click.option("--label-smoothing", type=FRACTION, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
-@click.option("--no-online-fold", is_flag=True, help="Run LinearExpansion blocks layer by layer (slower).")
+@click.option("--no-online-fold", is_flag=True,
+              help="Run blocks of styles that train online (linear) layer by layer instead (slower).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0, help="Also checkpoint every N steps.")
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="At most N batches per epoch.")
 @click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms(True).")

@@ -24,9 +24,10 @@ group is destroyed when training ends or fails if sntfx created it
 (:func:`distributed_session`, :func:`shutdown_distributed`); a group the
 caller initialised is left alone.
 
-SNT. LinearExpansion blocks train with the online fold by default: the block
-composes its effective kernel and runs one convolution per step (same
-outputs and gradients as the explicit chain, about a plain layer's cost).
+SNT. Blocks whose style trains online (the style registry says which; today
+``linear``) train with the online fold by default: the block composes its
+effective kernel and runs one convolution per step (same outputs and
+gradients as the explicit chain).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .blocks import LinearExpansion
+from .blocks import SNTBlock
 from .data import Data
 from .errors import SntfxError
 from .io import atomic_torch_save, atomic_write
@@ -328,10 +329,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def set_online_fold(model: nn.Module, online: bool) -> int:
-    """Switch every LinearExpansion block to (or from) the online fold; returns how many."""
+    """Switch every block whose style trains online to (or from) the online fold; returns how many."""
     n = 0
     for m in model.modules():
-        if isinstance(m, LinearExpansion):
+        if isinstance(m, SNTBlock) and m.trains_online:
             m.online = online
             n += 1
     return n
@@ -418,7 +419,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         online = set_online_fold(model, c.online_fold)
         if online:
-            log.info("%d LinearExpansion blocks train with the online fold: %s", online, c.online_fold)
+            log.info("%d SNT blocks train with the online fold: %s", online, c.online_fold)
         if c.sync_bn and distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
