@@ -195,3 +195,28 @@ def test_cli_refuses_expanded_models(tmp_path):
     runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(tmp_path / "snt.pt")])
     res = runner.invoke(cli, ["prune", str(tmp_path / "snt.pt"), "--out", str(tmp_path / "p.pt"), "--sparsity", "0.5"])
     assert res.exit_code == 2 and "fold it first" in res.output and not (tmp_path / "p.pt").exists()
+
+
+def test_cli_options_that_used_to_be_ignored_now_work(tmp_path):
+    """--scope reaches structured pruning, and export verifies --verify-samples inputs at a fixed batch size."""
+    gm = sntfx.trace("sntfx:smallvgg", torch.zeros(1, 1, 28, 28))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for i, m in enumerate(m for m in gm.modules() if isinstance(m, torch.nn.Conv2d)):
+            m.weight.mul_(10.0 ** -i)  # later layers much smaller: a global ranking prunes them harder
+    src = tmp_path / "m.pt"
+    sntfx.save(gm, src)
+    runner = CliRunner()
+    channels = {}
+    for scope in ("layer", "global"):
+        out = tmp_path / f"{scope}.pt"
+        res = runner.invoke(cli, ["prune", str(src), "--method", "structured", "--sparsity", "0.3", "--scope", scope,
+                                  "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        channels[scope] = [m.weight.shape[0] for m in sntfx.load(out).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert channels["layer"] != channels["global"]
+    first = [m.weight.shape[0] for m in gm.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c < f for c, f in zip(channels["layer"], first))  # layer scope: every layer loses channels
+    res = runner.invoke(cli, ["export", str(src), "--onnx", str(tmp_path / "m.onnx"), "--verify-samples", "37"])
+    assert res.exit_code == 0, res.output
+    assert "verified on 37 random" in res.output

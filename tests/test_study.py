@@ -336,3 +336,17 @@ def test_study_under_torchrun(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [len(r["train"]["history"]) for r in results["runs"]] == [2, 2]
     assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("bits", [10], "weight bits must be an integer from 2 to 8"),  # the quantize pass's own check
+    ("act_bits", [[8, 2]], "activation bits must be an integer from 4 to 8"),
+    ("sparsities", [1.2], r"sparsity must be in \[0, 1\)"),  # the prune pass's own check
+    ("channel_sparsities", [0.3, 0.3], "twice"),
+    ("epochs", "three", "wrong type"),
+    ("lr", float("nan"), "wrong type|finite"),
+    ("weight_decay", -1.0, "non-negative"),
+])
+def test_study_settings_are_checked_by_the_passes_before_anything_runs(field, value, match):
+    with pytest.raises(SntfxError, match=match):
+        StudyConfig(**{field: value})
