@@ -23,7 +23,8 @@ from .pass_base import Pass, PassContext
 from .pass_manager import PassManager
 from .train import evaluate
 
-__all__ = ["apply_pass", "accuracy", "sweep", "ensure_folded", "check_sweep_settings", "parse_sweep_axis"]
+__all__ = ["apply_pass", "accuracy", "sweep", "ensure_folded", "check_sweep_settings", "parse_sweep_axis",
+           "finetune_sparse"]
 
 log = logging.getLogger(__name__)
 
@@ -130,3 +131,31 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
         result["act_bits"][f"W{wb}A{ab}"] = accuracy(q, data, limit=limit)
         tick(f"W{wb}A{ab}")
     return result
+
+
+def finetune_sparse(gm: fx.GraphModule, data: Data, epochs: int, lr: float, *, batch_size: int = 128,
+                    callback=None) -> None:
+    """Short fine-tuning (Adam, cosine schedule) that keeps every zero weight at zero.
+
+    Weights that are exactly zero in a conv/linear weight are masked out of
+    the gradient and re-zeroed at the end, so unstructured and N:M sparsity
+    survive. ``callback`` is a :class:`~sntfx.train.TrainCallback` (progress).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .train import TrainConfig, Trainer
+
+    masks = {n: (p != 0) for n, p in gm.named_parameters() if p.dim() > 1 and bool((p == 0).any())}
+    params = dict(gm.named_parameters())
+    hooks = [params[n].register_hook(lambda g, m=m: g * m) for n, m in masks.items()]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, schedule="cosine", weight_decay=0.0)
+            Trainer(config, callback).fit(gm, data, Path(tmp) / "finetune.pt")
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m)

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import LayerConfig, SNTBlock, _normal_, _semi_orthogonal, _span, _sub_conv, _uniform_
 from .registry import register_style

@@ -1,0 +1,233 @@
+"""``prune``, ``quantize``, ``sweep``: compress a folded model and measure what it costs in accuracy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import SntfxError
+from .app import cli, console, handle_errors
+from .console import TrainProgress, print_pass_report, train_progress
+from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_options, unique_names
+
+
+@cli.command()
+@click.argument("model", type=TEXT)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--sparsity", type=FRACTION, default=None,
+              help="Fraction of zeros (magnitude) or of channels removed (structured); not for nm.")
+@click.option("--method", type=click.Choice(["magnitude", "nm", "structured"]), default="magnitude", show_default=True)
+@click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
+              help="One ranking across layers, or the same fraction in each layer [global for magnitude, layer for "
+                   "structured].")
+@click.option("--nm", "nm_pattern", default=None, help="N:M pattern for --method nm [2:4].", type=TEXT)
+@click.option("--importance", type=click.Choice(["magnitude", "taylor", "lamp"]), default=None,
+              help="Channel importance for --method structured [magnitude]; taylor needs --data.")
+@click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
+@click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
+@click.option("--exclude-last", is_flag=True, help="Keep the classifier dense (structured pruning always does).")
+@click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.", type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tune after pruning with the zeros held fixed (needs --data).")
+@click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
+@trust_options
+@handle_errors
+def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to, exclude_first, exclude_last,
+          data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
+    """Prune a folded MODEL: magnitude (exact sparsity), N:M, or structured channels."""
+    from sntfx.passes import MagnitudePrune, NMPrune, StructuredPrune
+
+    from ..compress import accuracy, apply_pass
+    from ..data import load_data
+    from ..io import check_output_path
+    from ..serialization import save
+
+    out_path = check_output_path(out, [model])
+    only_with(["nm_pattern"], method == "nm", "--method nm")
+    only_with(["importance", "round_to"], method == "structured", "--method structured")
+    only_with(["scope"], method != "nm", "--method magnitude or structured (N:M is per group of M weights)")
+    only_with(["lr"], finetune_epochs > 0, "--finetune-epochs N")
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    if method == "nm" and sparsity is not None:
+        raise SntfxError("--method nm zeroes exactly N of every M weights (2:4 is 50%), so --sparsity does not apply: "
+                         "drop it and choose the pattern with --nm N:M")
+    if method != "nm" and sparsity is None:
+        raise SntfxError(f"--method {method} needs --sparsity, e.g. --sparsity 0.5")
+    if finetune_epochs and not data_name:
+        raise SntfxError("--finetune-epochs needs --data")
+    if importance == "taylor" and not data_name:
+        raise SntfxError("--importance taylor needs --data (it scores channels by gradients on labelled images)")
+    try:
+        if method == "magnitude":
+            p = MagnitudePrune(sparsity, scope=scope or "global", exclude_first=exclude_first,
+                               exclude_last=exclude_last)
+        elif method == "nm":
+            n, m = NMPrune.parse_pattern(nm_pattern or "2:4")
+            p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last)
+        else:
+            p = StructuredPrune(sparsity, importance=importance or "magnitude", round_to=round_to,
+                                global_pruning=scope == "global", exclude_first=exclude_first)
+    except ValueError as exc:
+        raise SntfxError(str(exc)) from exc
+    gm = load_folded(model, source_file, trust_source)
+    data = load_data(data_name, data_dir=data_dir) if data_name else None
+    before = accuracy(gm, data) if data else None
+    with console.status("pruning ..."):
+        report = apply_pass(gm, p, data, inplace=True)
+    gm = report.graph_module
+    print_pass_report(report)
+    if finetune_epochs:
+        from ..compress import finetune_sparse
+
+        with train_progress() as progress:
+            finetune_sparse(gm, data, finetune_epochs, lr, callback=TrainProgress(progress, 0))
+    zeros = sum(int((q == 0).sum()) for n, q in gm.named_parameters() if n.endswith("weight") and q.dim() > 1)
+    total = sum(q.numel() for n, q in gm.named_parameters() if n.endswith("weight") and q.dim() > 1)
+    line = f"weights zero: {zeros / total:.2%} of {total:,}; parameters {sum(q.numel() for q in gm.parameters()):,}"
+    if data:
+        line += f"; accuracy {before:.2%} -> {accuracy(gm, data):.2%}"
+    console.print(line, highlight=False)
+    save(gm, out_path)
+    console.print(f"wrote [bold]{out_path}[/]")
+
+
+@cli.command()
+@click.argument("model", type=TEXT)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
+@click.option("--wbits", type=int, default=8, show_default=True)
+@click.option("--abits", type=int, default=None, help="Activation bits (4-8); needs --data for calibration.")
+@click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
+@click.option("--method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True, help="Weight clipping.")
+@click.option("--act-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True)
+@click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.", type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@trust_options
+@handle_errors
+def quantize(model, out, wbits, abits, granularity, method, act_method, calib_batches, data_name, data_dir,
+             source_file, trust_source):
+    """Simulated post-training quantization of a folded MODEL (still a torch model)."""
+    from sntfx.passes import SimulatedQuantize
+
+    from ..compress import accuracy, apply_pass
+    from ..data import load_data
+    from ..io import check_output_path
+    from ..serialization import save
+
+    out_path = check_output_path(out, [model])
+    try:
+        p = SimulatedQuantize(wbits=wbits, abits=abits, granularity=granularity, method=method, act_method=act_method)
+    except ValueError as exc:
+        raise SntfxError(f"{exc} (--wbits / --abits)") from exc
+    only_with(["act_method", "calib_batches"], abits is not None, "--abits BITS")
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    if abits is not None and not data_name:
+        raise SntfxError("--abits needs --data to calibrate the activation ranges on real images")
+    gm = load_folded(model, source_file, trust_source)
+    data = load_data(data_name, data_dir=data_dir) if data_name else None
+    before = accuracy(gm, data) if data else None
+    report = apply_pass(gm, p, data, calib_batches=calib_batches, inplace=True)
+    gm = report.graph_module
+    table = Table(title=f"W{wbits}" + (f"A{abits}" if abits else "") + f" ({granularity}, {method})")
+    table.add_column("layer")
+    table.add_column("weight rel. error", justify="right")
+    if abits:
+        table.add_column("input rel. error", justify="right")
+    for layer, r in report.passes[0].info["layers"].items():
+        row = [layer, f"{r.get('weight_rel_error', float('nan')):.4f}"]
+        if abits:
+            row.append(f"{r.get('input_rel_error', float('nan')):.4f}")
+        table.add_row(*row)
+    console.print(table)
+    if data:
+        console.print(f"accuracy {before:.2%} -> {accuracy(gm, data):.2%}", highlight=False)
+    save(gm, out_path)
+    console.print(f"wrote [bold]{out_path}[/]")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=TEXT)
+@click.option("--data", "data_name", required=True, type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@click.option("--sparsities", default="0.5,0.7,0.8,0.9", show_default=True)
+@click.option("--channel-sparsities", default="", help="Structured channel sparsities, e.g. 0.2,0.4.")
+@click.option("--bits", default="8,6,5,4,3", show_default=True)
+@click.option("--act-bits", default="8:8,4:8", show_default=True, help="W:A settings with calibrated activations.")
+@click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
+              help="JSON results; PNG plots are written beside it.")
+@trust_options
+@handle_errors
+def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, source_file, trust_source):
+    """Accuracy of folded MODELS under pruning and quantization, without fine-tuning, on one set of axes."""
+    from ..compress import check_sweep_settings, parse_sweep_axis
+    from ..compress import sweep as run_sweep
+    from ..data import load_data
+    from ..io import atomic_write, check_output_path
+
+    out_path = check_output_path(out, list(models))
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    sp = parse_sweep_axis(sparsities, "fraction", "--sparsities")
+    csp = parse_sweep_axis(channel_sparsities, "fraction", "--channel-sparsities")
+    bw = parse_sweep_axis(bits, "bits", "--bits")
+    ab = parse_sweep_axis(act_bits, "wa", "--act-bits")
+    check_sweep_settings(sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab)
+    names = unique_names(models)
+    gms = {name: load_folded(m, source_file, trust_source) for name, m in zip(names, models)}
+    data = load_data(data_name, data_dir=data_dir)
+    results = {}
+    for name, gm in gms.items():
+        with console.status(f"sweeping {name} ...") as status:
+            results[name] = run_sweep(gm, data, sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab,
+                                      progress=lambda label, name=name: status.update(f"sweeping {name}: {label}"))
+    table = Table(title=f"accuracy on {data.info.name} test ({len(data.test)} images), no fine-tuning")
+    table.add_column("setting")
+    for name in results:
+        table.add_column(name, justify="right")
+    keys = [("float", None)] + [("sparsity", k) for k in map(str, sp)] + [("channel_sparsity", k) for k in map(str, csp)]
+    keys += [("bits", str(b)) for b in bw] + [("act_bits", f"W{w}A{a}") for w, a in ab]
+    for section, key in keys:
+        label = {"float": "float", "sparsity": f"sparsity {key}", "channel_sparsity": f"channels -{key}",
+                 "bits": f"W{key}", "act_bits": key}[section]
+        row = []
+        for r in results.values():
+            v = r[section] if key is None else r[section][key]
+            row.append(f"{(v['accuracy'] if isinstance(v, dict) else v):.2%}")
+        table.add_row(label, *row)
+    console.print(table)
+    plots = sweep_plots(results, out_path, data.info.name)
+    atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps({"data": data.info.to_dict(), "results": results,
+                                                                   "plots": plots}, indent=2)))
+    console.print(f"wrote [bold]{out_path}[/] and {', '.join(plots)}")
+
+
+def sweep_plots(results: dict, out_path: Path, dataset: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write
+
+    written = []
+    for section, xlabel, fname in (("sparsity", "weight sparsity (global magnitude)", "sparsity"),
+                                   ("bits", "weight bits (per-channel, simulated)", "bits")):
+        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+        for name, r in results.items():
+            xs = sorted(r[section], key=float)
+            ax.plot([float(x) for x in xs], [r[section][x] * 100 for x in xs], marker="o", label=name)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{dataset} test accuracy (%)")
+        if section == "bits":
+            ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_path.with_name(f"{out_path.stem}_{fname}.png")
+        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+        written.append(str(path))
+    return written

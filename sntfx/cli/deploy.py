@@ -1,0 +1,188 @@
+"""``export`` and ``bench``: ONNX export verified on ONNX Runtime, int8 QDQ, and benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import SntfxError
+from .app import cli, console, err_console, handle_errors
+from .options import TEXT, FiniteFloat, only_with, trust_options
+
+
+@cli.command()
+@click.argument("model", type=TEXT)
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file (float).")
+@click.option("--opset", type=click.IntRange(min=13), default=18, show_default=True)
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch dimension dynamic.")
+@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32 [from --data or the recipe].", type=TEXT)
+@click.option("--allow-expanded", is_flag=True, help="Export a model that still holds SNT blocks.")
+@click.option("--simplify", is_flag=True, help="Simplify the graph with onnxscript's optimizer (verified too).")
+@click.option("--data", "data_name", default=None, help="Verify on (and calibrate int8 with) this dataset.", type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@click.option("--int8", is_flag=True, help="Also write OUT.int8.onnx: static QDQ, int8 weights, uint8 activations.")
+@click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
+              help="Top-1 agreement with the float model an int8 model must reach on the verification data.")
+@click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
+@trust_options
+@handle_errors
+def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
+           calib_batches, calib_method, min_agreement, verify_samples, report_path, source_file, trust_source):
+    """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
+    import os
+    import tempfile
+
+    import torch
+
+    from ..calibration import CalibrationReader
+    from ..data import fixed_batches, load_data
+    from ..exporters import export_onnx, quantize_int8, verify_onnx
+    from ..exporters.onnx_export import ExportError
+    from ..io import atomic_write, check_output_path
+    from ..models import parse_input_shape
+    from ..tracing import inputs_from_spec, sntfx_meta
+    from ..workflow import is_model_file
+
+    out = check_output_path(onnx_path, [model])
+    report_out = check_output_path(report_path, [model, onnx_path]) if report_path else None
+    if int8:
+        check_output_path(out.with_name(out.stem + ".int8.onnx"), [model])
+    if int8 and not data_name:
+        raise SntfxError("--int8 needs --data to calibrate on, e.g. --data fashion-mnist")
+    only_with(["calib_batches", "calib_method", "min_agreement"], int8, "--int8")
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    saved = is_model_file(model)
+    only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
+    shape = parse_input_shape(input_shape) if input_shape else None
+    data = load_data(data_name, data_dir=data_dir) if data_name else None
+    if saved:
+        from ..serialization import load
+
+        gm = load(model, model_file=source_file, trust_source=trust_source)
+    else:
+        from ..api import trace
+
+        gm = trace(model, torch.zeros(shape) if shape else None)
+    if shape:
+        example = (torch.randn(shape),)
+    elif data is not None:
+        example = (torch.zeros(data.info.input_shape(1)),)
+    else:
+        spec = sntfx_meta(gm).get("input_spec")
+        example = inputs_from_spec(spec) if spec else None
+        if not example:
+            raise SntfxError("cannot tell the input shape: pass --input-shape 1,3,H,W or --data NAME")
+    if data is not None:  # every verification sample is checked, in batches when the batch size is fixed
+        verify = (torch.cat([x for x, _ in fixed_batches(data.test, batches=1, batch_size=verify_samples)]),)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        verify = (torch.randn(verify_samples, *example[0].shape[1:], generator=gen),)
+    with console.status("exporting to ONNX ..."):
+        report = export_onnx(gm, out, example, opset=opset, dynamic_batch=dynamic_batch,
+                             allow_expanded=allow_expanded, simplify=simplify, verify_inputs=verify)
+    v = report.verification
+    simplified = ("" if not simplify else ", simplified" if report.simplified
+                  else ", --simplify found nothing to simplify (the graph is unchanged)")
+    console.print(f"exported with {report.exporter} (opset {opset}{', dynamic batch' if dynamic_batch else ''}"
+                  f"{simplified}): {report.size_bytes / 1e6:.2f} MB; verified on "
+                  f"{v['samples']} {'real' if data else 'random'} inputs: max abs {v['max_abs']:.2e}, rel {v['rel']:.2e}"
+                  + (f", top-1 agreement {v['top1_agreement']:.2%}" if "top1_agreement" in v else ""), highlight=False)
+    if report.fallback_reason:
+        console.print(f"[yellow]torch.export-based export failed ({report.fallback_reason}); used the TorchScript exporter[/]")
+    payload = {"float": report.to_dict()}
+    if int8:
+        int8_path = out.with_name(out.stem + ".int8.onnx")
+        check_output_path(int8_path, [model])
+        with console.status("quantizing to int8 (static, QDQ) ..."):
+            import onnxruntime as ort
+
+            input_name = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            reader = CalibrationReader(data.train, input_name, batches=calib_batches,
+                                       fixed_batch=None if dynamic_batch else example[0].shape[0])
+            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sntfx-int8-") as tmp:
+                tmp_int8 = os.path.join(tmp, int8_path.name)
+                quantize_int8(out, tmp_int8, reader, method=calib_method)
+                check = verify_onnx(tmp_int8, gm, verify, rtol=float("inf"), min_top1=min_agreement)
+                if not check["ok"]:
+                    raise ExportError(f"the int8 model disagrees with the float model: {check['reason']}; "
+                                      "nothing was written for it (try --calib-method percentile or more --calib-batches)")
+                os.replace(tmp_int8, int8_path)
+        console.print(f"int8 model {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB): top-1 agreement with the "
+                      f"float model {check['top1_agreement']:.2%} on {check['samples']} inputs, rel {check['rel']:.2e}",
+                      highlight=False)
+        payload["int8"] = {"path": str(int8_path), "verification": check, "calibration_batches": len(reader),
+                           "calibration_method": calib_method}
+    if report_out:
+        atomic_write(report_out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    console.print(f"wrote [bold]{out}[/]")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-sizes", default="1,8,32", show_default=True, type=TEXT)
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--data", "data_name", default=None, help="Also measure accuracy on this dataset's test split.", type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
+@handle_errors
+def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out):
+    """Benchmark ONNX MODELS on ONNX Runtime side by side: latency, throughput, accuracy, size."""
+    from ..data import load_data
+    from ..exporters import bench_onnx, onnx_accuracy
+    from ..io import atomic_write, check_output_path
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise SntfxError(f"--batch-sizes must be integers separated by commas, got {batch_sizes!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise SntfxError("--batch-sizes must list positive integers, e.g. 1,8,32")
+    out_path = check_output_path(out, list(models)) if out else None
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    from ..exporters.ort_bench import check_onnx_model
+
+    for path in models:  # every file is checked before anything is measured
+        check_onnx_model(path)
+    data = load_data(data_name, data_dir=data_dir) if data_name else None
+    results = []
+    for path in models:
+        with console.status(f"benchmarking {path} ..."):
+            r = bench_onnx(path, provider=provider, batch_sizes=sizes, iters=iters, warmup=warmup)
+            if data is not None:
+                r.accuracy = onnx_accuracy(path, data.test, provider=provider)
+        for w in r.warnings:
+            err_console.print(f"[bold yellow]warning:[/] {Path(path).name}: {w}", highlight=False)
+        results.append(r)
+    table = Table(title=f"ONNX Runtime, provider asked: {provider}")
+    table.add_column("model")
+    table.add_column("ran on")
+    table.add_column("MB", justify="right")
+    for b in sizes:
+        table.add_column(f"b{b} p50 ms", justify="right")
+        table.add_column(f"b{b} p99", justify="right")
+    table.add_column("img/s (largest b)", justify="right")
+    if data is not None:
+        table.add_column("accuracy", justify="right")
+    for r in results:
+        ran = r.provider.replace("ExecutionProvider", "") + (" (fallback!)" if r.fallback else "")
+        row = [Path(r.path).name, ran, f"{r.size_bytes / 1e6:.2f}"]
+        for b in sizes:
+            lat = r.latency.get(str(b))
+            row += [f"{lat['p50_ms']:.2f}", f"{lat['p99_ms']:.2f}"] if lat else ["-", "-"]
+        last = r.latency[max(r.latency, key=int)]
+        row.append(f"{last['throughput_per_s']:.0f}")
+        if data is not None:
+            row.append(f"{r.accuracy:.2%}")
+        table.add_row(*row)
+    console.print(table)
+    if out_path:
+        atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2)))
+        console.print(f"wrote [bold]{out_path}[/]")

@@ -1,0 +1,205 @@
+"""``transform``, ``passes``, ``fold``, ``inspect``: expand a model, list the passes, fold back, look inside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..blocks import get_style, style_names
+from ..errors import SntfxError
+from .app import cli, console, handle_errors
+from .console import fmt_int, print_pass_report
+from .options import TEXT, inputs_for, model_spec, only_with, trust_options
+
+
+@cli.command()
+@click.argument("model", type=TEXT)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
+@click.option("--style", type=click.Choice(style_names()), default=None,
+              help="Expansion style [qa-branch]: " + "; ".join(f"{n}: {get_style(n).label}, "
+                                                               f"{'trains online' if get_style(n).trains_online else 'trains in explicit form'}"
+                                                               for n in style_names()) + ".")
+@click.option("--ratio", type=click.IntRange(min=1), default=None, help="Expansion ratio for 'linear' [4].")
+@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.", type=TEXT)
+@click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).", type=TEXT)
+@click.option("--kwargs", default=None, help="JSON object of constructor arguments.", type=TEXT)
+@click.option("--policy", type=click.Path(exists=True, dir_okay=False), default=None, help="Policy file (.json/.toml).")
+@click.option("--preserve", is_flag=True, help="Start the blocks at exactly the original function.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--passes", "pipeline", default=None, type=TEXT,
+              help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
+@handle_errors
+def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline):
+    """Trace MODEL and expand its conv/linear layers into SNT blocks.
+
+    MODEL is model.py (with build_model()), torchvision:NAME, timm:NAME or sntfx:NAME.
+    """
+    from ..api import transform as do_transform
+    from ..io import check_output_path
+    from ..models import parse_input_shape
+    from ..serialization import save
+    from ..tracing import sntfx_meta
+
+    out_path = check_output_path(out, inputs_for(model) + ([policy] if policy else []))
+    if ratio is not None and not policy and "ratio" not in get_style(style or "qa-branch").options:
+        raise SntfxError(f"--ratio sets an expansion ratio; the '{style or 'qa-branch'}' style has none, so it "
+                         "would be ignored: choose a style with a ratio (e.g. --style linear) or drop --ratio")
+    spec = model_spec(model, entry, kwargs)
+    inputs = spec.example_inputs(parse_input_shape(input_shape) if input_shape else None)
+    if pipeline and (style or ratio or policy or preserve):
+        raise SntfxError("--passes replaces --style/--ratio/--policy/--preserve: put them in the pipeline, "
+                         'e.g. --passes "snt(style=branch,preserve=true)"')
+    if pipeline:
+        from ..pass_base import parse_pipeline
+
+        pipeline = parse_pipeline(pipeline)  # bad strings fail before any work
+    with console.status(f"tracing and expanding {spec} ..."):
+        from ..tracing import trace
+
+        gm = trace(spec.build(), inputs)
+        sntfx_meta(gm)["source"] = spec.to_dict()
+    if pipeline:
+        from ..pass_base import PassContext
+        from ..pass_manager import PassManager
+
+        report = PassManager(pipeline).run(gm, PassContext(example_inputs=inputs, seed=seed))
+        gm = report.graph_module
+    else:
+        gm, report = do_transform(
+            gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True
+        )
+    print_pass_report(report)
+    opaque = sntfx_meta(gm).get("opaque_modules", [])
+    if opaque:
+        console.print(f"[yellow]kept opaque (not traced, not expanded):[/] {', '.join(opaque)}")
+    save(gm, out_path)
+    console.print(f"wrote [bold]{out_path}[/]")
+
+
+@cli.command(name="passes")
+def list_passes():
+    """List the registered passes, what they require and provide, and their numerics."""
+    from ..pass_base import registered_passes
+
+    table = Table(title="registered passes (in --passes strings: name(key=value,...),name2)")
+    table.add_column("name", no_wrap=True)
+    for col in ("requires", "provides", "summary"):
+        table.add_column(col, overflow="fold")
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        needs = sorted(p.value for p in cls.requires) + (["eval mode"] if cls.needs_eval else [])
+        table.add_row(name, ", ".join(needs) or "-", ", ".join(sorted(p.value for p in cls.provides)) or "-", doc)
+    console.print(table)
+
+
+@cli.command()
+@click.argument("model_file", metavar="SNT_MODEL", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
+@click.option("--batchnorm", is_flag=True, help="Also fold the model's own BatchNorms into the layers before them.")
+@trust_options
+@handle_errors
+def fold(model_file, out, batchnorm, source_file, trust_source):
+    """Fold every SNT block of SNT_MODEL back into its original layer, exactly."""
+    from ..api import fold as do_fold
+    from ..io import check_output_path
+    from ..serialization import load, save
+
+    out_path = check_output_path(out, [model_file])
+    with console.status(f"loading {model_file} ..."):
+        gm = load(model_file, model_file=source_file, trust_source=trust_source)
+    gm, report = do_fold(gm, batchnorm=batchnorm, report=True, inplace=True)
+    print_pass_report(report)
+    info = report.passes[0].info
+    if info.get("block_errors"):
+        errs = sorted(info["block_errors"].values())
+        console.print(
+            f"per-block relative error over {len(errs)} blocks: max {errs[-1]:.2e} ({info['worst_block']}), "
+            f"median {errs[len(errs) // 2]:.2e}"
+        )
+    save(gm, out_path)
+    console.print(f"wrote [bold]{out_path}[/]")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@trust_options
+@click.option("--quant", "quant_bits", type=click.IntRange(2, 8), default=None, metavar="BITS",
+              help="Quantization-readiness report at BITS-bit weights (folded models).")
+@click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.", type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False))
+@handle_errors
+def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
+    """Show the layers of FILE: expansion, parameters and MACs before/after folding.
+
+    FILE is a saved sntfx model, or a model spec (model.py, torchvision:NAME, ...).
+    """
+    from ..serialization import load, read_recipe
+    from ..summary import layer_summary
+    from ..workflow import is_model_file
+
+    only_with(["data_name"], quant_bits is not None, "--quant BITS")
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    saved = is_model_file(file)
+    only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
+    if saved:
+        gm = load(file, model_file=source_file, trust_source=trust_source)
+        recipe = read_recipe(file)
+        source = recipe["source"]
+        pipeline = ",".join(p["name"] for p in recipe["pipeline"]) or "(none)"
+    else:
+        from ..api import trace
+
+        gm = trace(file)
+        source, pipeline = {"kind": "spec", "name": file}, "(none)"
+    if quant_bits is not None:
+        quant_report(gm, quant_bits, data_name, data_dir, file)
+        return
+    rows = layer_summary(gm)
+    table = Table(title=f"{file}: source {source.get('kind')}:{Path(source['name']).name}, passes {pipeline}")
+    for col, just in (("layer", "left"), ("kind", "left"), ("expansion", "left"), ("params", "right"),
+                      ("folded", "right"), ("MACs", "right"), ("folded", "right")):
+        table.add_column(col, justify=just, overflow="fold")
+    for r in rows:
+        table.add_row(r.path, r.kind, r.expansion or "-", fmt_int(r.params), fmt_int(r.params_folded),
+                      fmt_int(r.macs), fmt_int(r.macs_folded))
+    total_params = sum(p.numel() for p in gm.parameters())
+    folded_params = total_params - sum(r.params - r.params_folded for r in rows)
+    macs = sum(r.macs or 0 for r in rows)
+    macs_folded = sum(r.macs_folded or 0 for r in rows)
+    table.add_section()
+    table.add_row("whole model", "", f"{sum(bool(r.expansion) for r in rows)} expanded",
+                  fmt_int(total_params), fmt_int(folded_params), fmt_int(macs), fmt_int(macs_folded))
+    console.print(table)
+    console.print("params and MACs: K = 1e3, M = 1e6, G = 1e9; MACs of conv/linear layers on the recorded input shape",
+                  style="dim")
+
+
+def quant_report(gm, bits: int, data_name, data_dir, file) -> None:
+    from ..compress import ensure_folded
+    from ..data import fixed_batches, load_data
+    from ..quant_report import quant_readiness
+    from ..tracing import inputs_from_spec, sntfx_meta
+
+    ensure_folded(gm, f"'{file}'")
+    if data_name:
+        data = load_data(data_name, data_dir=data_dir)
+        inputs = (fixed_batches(data.test, batches=1, batch_size=64)[0][0],)
+        source = f"64 {data.info.name} test images"
+    else:
+        inputs = inputs_from_spec(sntfx_meta(gm).get("input_spec", []))
+        source = "random inputs (give --data for real ones)"
+    rows = quant_readiness(gm, inputs, bits=bits)
+    table = Table(title=f"{file}: W{bits} quantization readiness, sensitivity on {source}")
+    for col in ("layer", "w min", "w max", "outlier max", "outlier med", f"W{bits} err/ch", f"W{bits} err/tensor",
+                "output change"):
+        table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+    for r in rows:
+        table.add_row(r.layer, f"{r.weight_min:.3g}", f"{r.weight_max:.3g}", f"{r.outlier_ratio_max:.1f}",
+                      f"{r.outlier_ratio_median:.1f}", f"{r.error_channel:.3f}", f"{r.error_tensor:.3f}",
+                      f"{r.sensitivity:.4f}")
+    console.print(table)
+    top = ", ".join(r.layer for r in rows[:3])
+    console.print(f"most sensitive to W{bits}: {top}. Outlier ratio = max|w| / rms(w) per output channel; "
+                  "output change = relative change of the logits when only that layer is quantized.", highlight=False)

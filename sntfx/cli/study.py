@@ -1,0 +1,131 @@
+"""``study``: Adam vs SAM vs SNT end to end, in one resumable report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ..errors import SntfxError
+from .app import cli, console, handle_errors
+from .console import StudyProgress, study_progress
+from .options import NON_NEGATIVE, POSITIVE, TEXT, given
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["quick", "paper"]), default=None,
+              help="quick: a small CNN on Fashion-MNIST (or digits), under 10 minutes on 2 CPU cores; "
+                   "paper: CIFAR-10 with ResNet-20/56, VGG-16, MobileNetV2 and a small ViT, 3 seeds.")
+@click.option("--model", "models", multiple=True, type=TEXT, help="Model spec (repeat, or separate with commas); "
+              "default: the preset's, else sntfx:smallvgg.")
+@click.option("--data", "data_name", default=None, help="Dataset name or ImageFolder directory.", type=TEXT)
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+@click.option("--methods", default=None, help="Comma-separated: adam, sam, snt-STYLE[-xRATIO][-fresh][+sam].", type=TEXT)
+@click.option("--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2.", type=TEXT)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--lr", type=POSITIVE, default=None)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Base optimizer (SAM wraps it).")
+@click.option("--weight-decay", type=NON_NEGATIVE, default=None)
+@click.option("--rho", type=POSITIVE, default=None, help="SAM radius.")
+@click.option("--ratio", type=click.IntRange(min=1), default=None, help="SNT expansion ratio (default 4).")
+@click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="Training batches per epoch.")
+@click.option("--eval-images", type=click.IntRange(min=1), default=None,
+              help="Test images for the compression sweeps and ONNX accuracy (default: all).")
+@click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
+@click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
+@click.option("--device", default=None, help="Training device: auto, cpu, cuda, cuda:N.", type=TEXT)
+@click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TOML or JSON file setting any study field (sparsities, bits, sharpness_iters, ...); "
+                   "command-line options override it, and it overrides the preset.")
+@click.option("--out", "-o", default="study-results", show_default=True, type=click.Path(dir_okay=True, file_okay=False))
+@click.option("--report-only", is_flag=True, help="Redraw report.md and the plots from OUT/results.json.")
+@click.option("--trust-source", is_flag=True,
+              help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
+@handle_errors
+def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
+          ratio, limit_batches, eval_images, onnx, provider, device, config_file, out, report_only, trust_source):
+    """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
+
+    Resumable: run the same command again and finished stages are kept.
+    """
+    import os
+
+    from ..study import Study, preset_config, validate_results
+
+    out_dir = Path(out)
+    if report_only:
+        from ..report import write_report
+
+        ctx = click.get_current_context()
+        extra = [p.opts[0] for p in ctx.command.params if p.name not in ("report_only", "out") and given(p.name)]
+        if extra:
+            raise SntfxError(f"--report-only redraws the report from OUT/results.json, so {', '.join(extra)} would "
+                             "be ignored: drop them, or run the study without --report-only")
+
+        path = out_dir / "results.json"
+        if not path.is_file():
+            raise SntfxError(f"no results in '{out_dir}' (results.json is missing); run the study first")
+        results = json.loads(path.read_text())
+        validate_results(results)
+        console.print(f"report: [bold]{write_report(results, out_dir)}[/]")
+        return
+    from ..study import read_config_file
+
+    overrides = read_config_file(config_file) if config_file else {}
+    from_cli = {"models": [m for spec in models for m in spec.split(",") if m] or None, "data": data_name,
+             "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
+             "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
+             "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "onnx": onnx,
+             "provider": provider, "device": device}
+    overrides |= {k: v for k, v in from_cli.items() if v is not None}  # the command line wins over the file
+    config = preset_config(preset, overrides)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SntfxError(f"--out '{out_dir}' is a file; give a directory")
+    if not out_dir.resolve().parent.is_dir():
+        raise SntfxError(f"the folder that would hold --out '{out_dir}' does not exist; create it first or choose "
+                         "another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "study.json").exists():
+        raise SntfxError(f"--out '{out_dir}' exists and does not hold an sntfx study; choose a new or empty folder")
+    rank = int(os.environ.get("RANK", "0"))
+    runner = Study(config, out_dir, trust_source=trust_source)
+    runner.check()
+    if rank == 0:
+        console.print(f"[bold]sntfx study[/]: {', '.join(config.models)} on {config.data}; methods "
+                      f"{', '.join(config.methods)}; seeds {', '.join(map(str, config.seeds))}; {config.epochs} "
+                      f"epoch(s) -> {out_dir}", highlight=False)
+        with study_progress() as progress:
+            runner.progress = StudyProgress(progress)
+            results = runner.run()
+    else:
+        runner.run()
+        return
+    planned = (4 if config.onnx else 3) * len(runner.runs())
+    if len(runner.executed) < planned:
+        console.print(f"resumed: {planned - len(runner.executed)} finished stage(s) kept from an earlier run")
+    print_study_summary(results)
+    console.print(f"report: [bold]{out_dir / 'report.md'}[/]  (plots in {out_dir / 'plots'}, "
+                  f"every number in {out_dir / 'results.json'})")
+
+
+def print_study_summary(results: dict) -> None:
+    from ..report import short_verdict
+
+    for model, summary in results["summary"].items():
+        table = Table(title=f"{model} on {results['dataset']['name']}: accuracy gained over Adam (points, mean ± std "
+                            "over seeds; 'helps' = more than one std above zero)", show_edge=False)
+        for col in ("method", "float acc", "unstructured pruning", "channel pruning", "quantization <= 6 bit",
+                    "time/epoch"):
+            table.add_column(col)
+        for method, metrics in summary["metrics"].items():
+            groups = summary["group_gains_over_adam"].get(method, {})
+            acc = metrics.get("float", {})
+            t = metrics.get("epoch_time_vs_adam", {})
+            table.add_row(method, f"{100 * acc['mean']:.2f}%" if acc.get("mean") is not None else "n/a",
+                          *(["-"] * 3 if method == "adam" else
+                            [short_verdict(groups.get(g)) for g in ("unstructured pruning", "channel pruning",
+                                                               "quantization (<= 6 bits)")]),
+                          f"{t['mean']:.2f}x" if t.get("mean") is not None else "n/a")
+        console.print(table)
