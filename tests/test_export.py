@@ -166,7 +166,7 @@ def test_cli_export_int8_and_bench(tmp_path, trained_digits):
 def test_cli_export_refusals(tmp_path):
     runner = CliRunner()
     snt = tmp_path / "snt.pt"
-    runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(snt)])
+    assert runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(snt)]).exit_code == 0
     res = runner.invoke(cli, ["export", str(snt), "--onnx", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "--allow-expanded" in res.output and not (tmp_path / "x.onnx").exists()
     res = runner.invoke(cli, ["export", str(snt), "--onnx", str(tmp_path / "x.onnx"), "--int8"])

@@ -48,7 +48,7 @@ def test_normal_install_imports_from_site_packages(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, capture_output=True, timeout=600)
     code = (
-        "import sntfx, sntfx.passes, sntfx.exporters, torch;"
+        "import sntfx, sntfx.passes, sntfx.exporters, sntfx.blocks.linear, sntfx.cli.study, torch;"
         f"assert sntfx.__file__.startswith({str(target)!r}), sntfx.__file__;"
         f"assert sntfx.passes.__file__.startswith({str(target)!r});"
         "gm = sntfx.transform('sntfx:cnn'); print(len(list(gm.modules())));"

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import sntfx
 from sntfx.cli import cli
 from sntfx.errors import SntfxError
-from sntfx.study import SCHEMA_PATH, Method, Run, Study, StudyConfig, summarize
+from sntfx.study import SCHEMA_PATH, Method, Study, StudyConfig, summarize
 
 TINY = dict(models=["sntfx:cnn"], data="synthetic", epochs=2, limit_batches=3, batch_size=32, eval_images=64,
             sharpness_batches=1, sharpness_batch_size=32, sharpness_iters=3, trace_samples=2, landscape_steps=5,
@@ -312,7 +312,8 @@ def test_run_labels_are_unique():
                   "unused")
     runs = study.runs()
     assert len({r.path for r in runs}) == len(runs) == 8
-    assert all(isinstance(r, Run) for r in runs)
+    assert {(r.model, r.method.name, r.seed) for r in runs} == {
+        (m, meth, s) for m in ("sntfx:cnn", "sntfx:resnet20") for meth in ("adam", "snt-linear") for s in (0, 1)}
 
 
 def test_study_under_torchrun(tmp_path):

@@ -167,7 +167,7 @@ def test_cli_train_errors(tmp_path):
     res = runner.invoke(cli, ["train", "sntfx:cnn", "--data", "mnist-ish", "--out", str(out), "--epochs", "1"])
     assert res.exit_code == 2 and "unknown dataset 'mnist-ish'" in res.output and not out.exists()
     snt = tmp_path / "snt.pt"
-    runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(snt)])  # 10 classes, 1 channel
+    assert runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(snt)]).exit_code == 0  # 10 classes, 1 channel
     res = runner.invoke(cli, ["train", str(snt), "--data", "synthetic", "--out", str(out), "--epochs", "1"])
     assert res.exit_code == 2 and "does not accept synthetic images" in res.output and not out.exists()
     res = runner.invoke(cli, ["train", str(snt), "--data", "digits", "--out", str(snt), "--epochs", "1"])
