@@ -1,10 +1,23 @@
-"""Median ms per training step: Adam, SAM, and SNT (explicit and online fold), as ratios to Adam.
+"""Training-step cost of SNT against Adam and SAM, as ratios, on every built-in and torchvision ResNet-18.
 
-CIFAR-style ResNet-20 at batch 128 on 32x32 inputs (random data: the step
-cost does not depend on the values). All variants are measured in one run,
-interleaved round by round, so that machine noise hits them alike.
+For each model: Adam (plain model), SAM (two passes), and every registered SNT
+style in explicit form, plus its online fold where the style trains online.
+All variants of a model are timed in one process, interleaved round by round,
+so that machine noise hits them alike; the table gives the median ms per step
+and the ratio to Adam's median. Peak memory per step is measured for each
+variant in a fresh process (CUDA: ``max_memory_allocated``; CPU: the growth of
+the process's peak resident set over a few steps, which includes the
+parameters, gradients, optimizer state and activations) and given as a ratio
+to Adam's.
 
-    python benchmarks/bench_train_step.py [--steps 20] [--rounds 5] [--batch 128] [--device cpu]
+    python benchmarks/bench_train_step.py                      # every model, this machine
+    python benchmarks/bench_train_step.py --models smallvgg,resnet20 --rounds 3
+    python benchmarks/bench_train_step.py --device cuda        # on a GPU
+
+Inputs are random (a step's cost does not depend on the values) of each
+model's usual size and batch: Fashion-MNIST 1x28x28 for smallvgg, CIFAR
+3x32x32 for the CIFAR models (batch 128), ImageNet 3x224x224 for ResNet-18
+(batch 32 on a CPU, 256 on a GPU).
 """
 
 from __future__ import annotations
@@ -12,7 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,32 +36,49 @@ import torch
 import torch.nn.functional as F
 
 import sntfx
+from sntfx.blocks import get_style, style_names
 from sntfx.sam import SAM
 from sntfx.train import set_online_fold
 
-
-def make_variants(device, batch):
-    x = torch.randn(2, 3, 32, 32)
-    base = sntfx.build_model("sntfx:resnet20")
-    variants = {}
-    for name in ("adam", "sam (2 passes)", "snt linear x4 explicit", "snt linear x4 online fold",
-                 "snt branch"):
-        if name.startswith("snt linear"):
-            model = sntfx.transform(base, x, style="linear", ratio=4)
-            set_online_fold(model, name.endswith("online fold"))
-        elif name == "snt branch":
-            model = sntfx.transform(base, x, style="branch")
-        else:
-            model = sntfx.trace(base, x)
-        model.to(device).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        if name.startswith("sam"):
-            opt = SAM(model.parameters(), opt)
-        variants[name] = (model, opt)
-    return variants
+MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU batch)
+    "smallvgg": ("sntfx:smallvgg", {"in_channels": 1, "num_classes": 10}, (1, 28, 28), 128, 128),
+    "resnet20": ("sntfx:resnet20", {}, (3, 32, 32), 128, 128),
+    "resnet56": ("sntfx:resnet56", {}, (3, 32, 32), 128, 128),
+    "vgg11": ("sntfx:vgg11", {}, (3, 32, 32), 128, 128),
+    "mobilenetv2": ("sntfx:mobilenetv2", {}, (3, 32, 32), 128, 128),
+    "vit": ("sntfx:vit", {}, (3, 32, 32), 128, 128),
+    "resnet18": ("torchvision:resnet18", {}, (3, 224, 224), 32, 256),
+}
 
 
-def step(model, opt, x, y):
+def variant_names() -> list[str]:
+    names = ["adam", "sam"]
+    for style in style_names():
+        names.append(f"snt {style} explicit")
+        if get_style(style).trains_online:
+            names.append(f"snt {style} online")
+    return names
+
+
+def build(model_name: str, variant: str, device: torch.device):
+    spec, kwargs, shape, _, _ = MODELS[model_name]
+    torch.manual_seed(0)
+    base = sntfx.build_model(spec, **kwargs)
+    x = torch.zeros(2, *shape)
+    if variant.startswith("snt "):
+        _, style, form = variant.split(" ")
+        model = sntfx.transform(base, x, style=style)
+        set_online_fold(model, form == "online")
+    else:
+        model = sntfx.trace(base, x)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if variant == "sam":
+        opt = SAM(model.parameters(), opt)
+    return model, opt
+
+
+def step(model, opt, x, y) -> None:
     if isinstance(opt, SAM):
         opt.step(model, lambda: F.cross_entropy(model(x), y))
     else:
@@ -54,46 +87,101 @@ def step(model, opt, x, y):
         opt.step()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench-results/train_step.json")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    variants = make_variants(device, args.batch)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for model, opt in variants.values():  # warm-up
+def batch_for(model_name: str, device: torch.device, batch: int | None):
+    _, _, shape, cpu_batch, gpu_batch = MODELS[model_name]
+    n = batch or (gpu_batch if device.type == "cuda" else cpu_batch)
+    x = torch.randn(n, *shape, device=device)
+    y = torch.randint(0, 10 if model_name != "resnet18" else 1000, (n,), device=device)
+    return x, y
+
+
+def time_model(model_name: str, variants: list[str], device, rounds: int, steps: int, batch: int | None) -> dict:
+    built = {v: build(model_name, v, device) for v in variants}
+    x, y = batch_for(model_name, device, batch)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for model, opt in built.values():  # warm-up
         for _ in range(2):
             step(model, opt, x, y)
-    for r in range(args.rounds):
-        for name, (model, opt) in variants.items():
-            for _ in range(args.steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, (model, opt) in built.items():
+            for _ in range(steps):
+                sync()
                 t0 = time.perf_counter()
                 step(model, opt, x, y)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append((time.perf_counter() - t0) * 1000)
-        print(f"round {r + 1}/{args.rounds}", flush=True)
-    base = statistics.median(times["adam"])
-    print(f"\nResNet-20, batch {args.batch}, 32x32, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<30}{'median ms/step':>16}{'x Adam':>10}")
-    rows = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        rows[name] = {"median_ms": med, "ratio_to_adam": med / base, "steps": len(ts)}
-        print(f"{name:<30}{med:>16.1f}{med / base:>10.2f}")
+                sync()
+                times[v].append((time.perf_counter() - t0) * 1000)
+    return {v: statistics.median(ts) for v, ts in times.items()} | {"_batch": int(x.shape[0])}
+
+
+def peak_memory(model_name: str, variant: str, device: str, batch: int | None) -> float:
+    """Peak bytes of one training step of ``variant``, measured in a fresh process."""
+    code = (f"import sys; sys.argv = ['x', '--_memory', {model_name!r}, {variant!r}, '--device', {device!r}"
+            + (f", '--batch', '{batch}'" if batch else "") + "]; "
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_train_step as b; b.main()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _measure_memory(model_name: str, variant: str, device: torch.device, batch: int | None) -> float:
+    model, opt = build(model_name, variant, device)
+    x, y = batch_for(model_name, device, batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(3):
+            step(model, opt, x, y)
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    for _ in range(3):
+        step(model, opt, x, y)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    # the step's own memory (activations, gradients, optimizer state) plus the parameters it updates
+    return float(peak - before + params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    parser.add_argument("--batch", type=int, default=None, help="override every model's batch size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", default="bench-results/train_step.json")
+    parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args._memory:
+        print(_measure_memory(args._memory[0], args._memory[1], device, args.batch))
+        return
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    variants = variant_names()
+    print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} "
+          f"interleaved rounds x {args.steps} steps", flush=True)
+    results = {}
+    for m in models:
+        ms = time_model(m, variants, device, args.rounds, args.steps, args.batch)
+        batch = ms.pop("_batch")
+        mem = {} if args.no_memory else {v: peak_memory(m, v, args.device, args.batch) for v in variants}
+        rows = {v: {"median_ms": ms[v], "time_vs_adam": ms[v] / ms["adam"],
+                    **({"peak_bytes": mem[v], "memory_vs_adam": mem[v] / mem["adam"]} if mem else {})}
+                for v in variants}
+        results[m] = {"batch": batch, "variants": rows}
+        print(f"\n{m} (batch {batch})\n{'variant':<28}{'ms/step':>10}{'x Adam':>9}{'memory x Adam':>15}")
+        for v, r in rows.items():
+            memory = f"{r['memory_vs_adam']:>15.2f}" if "memory_vs_adam" in r else ""
+            print(f"{v:<28}{r['median_ms']:>10.1f}{r['time_vs_adam']:>9.2f}{memory}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "batch": args.batch, "torch": torch.__version__,
-                               "machine": platform.machine(), "results": rows}, indent=2))
+    out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "machine": platform.machine(), "rounds": args.rounds, "steps": args.steps,
+                               "results": results}, indent=2))
     print(f"\nwrote {out}")
 
 

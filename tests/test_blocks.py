@@ -114,9 +114,8 @@ def test_online_forward_matches_explicit_outputs_and_gradients(style, name):
     gen = torch.Generator().manual_seed(0)
     explicit = make_block(layer, style, ratio=4, gen=gen).double()
     online = make_block(layer, style, ratio=4, gen=torch.Generator().manual_seed(0)).double()
-    online.online = True
     x = _input_for(layer, gen).double()
-    y1, y2 = explicit(x), online(x)
+    y1, y2 = explicit(x), online.forward_composed(x)
     assert compare_outputs(y1, y2) <= 1e-10
     g = torch.randn(y1.shape, generator=gen, dtype=torch.float64)
     (y1 * g).sum().backward()
@@ -132,6 +131,7 @@ def test_online_forward_float32_within_1e5():
     b = make_block(layer, "linear", ratio=4, gen=torch.Generator().manual_seed(0))
     b.online = True
     x = torch.randn(4, 16, 12, 12, generator=gen)
+    assert b.online_pays(x)  # a feature map: the composed kernel is the cheaper way
     ya, yb = a(x), b(x)
     assert compare_outputs(ya, yb) <= 1e-5
     ya.square().sum().backward()
@@ -249,6 +249,10 @@ def test_registry_declarations_match_the_blocks():
         block = make_block(layer, name, ratio=2)
         assert block.style == name and block.trains_online == info.trains_online
         assert info.label and info.step_cost > 0
+        if info.trains_online:  # an online style composes its kernel
+            x = torch.randn(2, 8, 6, 6)
+            with torch.no_grad():
+                assert compare_outputs(block.eval()(x), block.forward_composed(x)) <= 1e-5
         if "ratio" in info.options:
             assert make_block(layer, name, ratio=3).ratio == 3
         # a bias-free layer whose output has no sink gets a block that folds to no bias at all
@@ -270,3 +274,28 @@ def test_a_style_registered_elsewhere_is_usable_and_a_name_cannot_be_taken_twice
             registry.register_style("test-linear-x1", label="again")(lambda config: None)
     finally:
         registry._STYLES.pop("test-linear-x1")
+
+
+def test_online_takes_whichever_form_costs_fewer_macs():
+    conv = make_block(nn.Conv2d(16, 16, 3, padding=1), "linear", ratio=4)
+    conv.online = True
+    assert conv.online_pays(torch.zeros(8, 16, 14, 14))
+    fc = make_block(nn.Linear(1568, 128), "linear", ratio=4)  # a classifier: composing costs ~136M MACs
+    fc.online = True
+    assert not fc.online_pays(torch.zeros(2, 1568))  # the chain on 2 rows costs far less
+    assert fc.online_pays(torch.zeros(4096, 1568))
+    x = torch.randn(2, 1568)
+    with torch.no_grad():
+        assert compare_outputs(fc(x), fc.forward_composed(x)) <= 1e-5
+    # both composition orders give the same kernel; the cheaper one is used
+    first, second = fc._compose_orders()
+    assert fc._project_first() == (first <= second)
+    wide_out = make_block(nn.Linear(32, 256), "linear", ratio=2)
+    assert wide_out._project_first() is False and fc._project_first() is True
+    for block in (fc, wide_out):
+        with torch.no_grad():
+            w, _ = block.effective_weight_bias(torch.float64)
+            ref = torch.einsum("ob,ba,ai->oi", block.project.weight.double(), block.core.weight.double()[..., 0]
+                               if block.core.weight.dim() > 2 else block.core.weight.double(),
+                               block.expand.weight.double())
+        assert compare_outputs(ref, w) <= 1e-12

@@ -181,6 +181,10 @@ class SNTBlock(nn.Module):
         super().__init__()
         self.config = config
 
+    def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through the composed kernel (styles that train online implement it; same outputs and gradients)."""
+        raise NotImplementedError(f"style '{self.style}' does not train online")
+
     @property
     def trains_online(self) -> bool:
         """Whether this block's style can run the composed kernel in training (see the style registry)."""

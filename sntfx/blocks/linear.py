@@ -4,7 +4,11 @@ For a ``k x k`` conv: ``1x1 (C_in -> r C_in)``, ``k x k (r C_in -> r C_out)``,
 ``1x1 (r C_out -> C_out)``, grouped like the original, no nonlinearity.
 Fold: ``W[o,i,t] = sum_{b,a} W3[o,b] W2[b,a,t] W1[a,i]`` per group,
 ``bias = W3 b2 + b3``. ``online=True`` runs that composed kernel as a single
-convolution every step (same outputs and gradients, the cost of one layer).
+convolution every step (same outputs and gradients), where that is cheaper than
+the chain: always for convolutions on feature maps, not for a wide classifier
+on a small batch (the composition's cost does not shrink with the batch). The
+kernel is composed in whichever order, ``(W3 W2) W1`` or ``W3 (W2 W1)``,
+costs fewer multiply-adds.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class LinearExpansion(SNTBlock):
         config: the layer replaced.
         ratio: expansion ratio r (>= 1).
         online: forward by composing the effective kernel and running one
-            conv/matmul (same function and gradients, a plain layer's cost).
+            conv/matmul (same function and gradients), on every input for
+            which that costs fewer MACs than the chain (:meth:`online_pays`).
     """
 
     style = "linear"
@@ -117,23 +122,60 @@ class LinearExpansion(SNTBlock):
         a = w1.reshape(g, w1.shape[0] // g, w1.shape[1])  # (g, A, I)
         m = w2.reshape(g, w2.shape[0] // g, w2.shape[1], -1)  # (g, B, A, K)
         p = w3.reshape(g, w3.shape[0] // g, w3.shape[1])  # (g, O, B)
-        w = torch.einsum("gob,gbak,gai->goik", p, m, a).reshape(c.weight_shape())
+        if self._project_first():  # (W3 W2) W1: cheaper when the layer has fewer outputs than inputs
+            w = torch.einsum("goak,gai->goik", torch.einsum("gob,gbak->goak", p, m), a)
+        else:  # W3 (W2 W1)
+            w = torch.einsum("gob,gbik->goik", p, torch.einsum("gbak,gai->gbik", m, a))
+        w = w.reshape(c.weight_shape())
         if not c.bias:
             return w, None
         b2 = cast(self.core.bias).reshape(g, -1)
         b = torch.einsum("gob,gb->go", p, b2).reshape(-1) + cast(self.project.bias)
         return w, b
 
+    def _compose_orders(self) -> tuple[int, int]:
+        """MACs of composing the kernel as (W3 W2) W1 and as W3 (W2 W1)."""
+        c, g = self.config, self.config.groups
+        a, b = self.hidden
+        o, i, k, a, b = c.out_features // g, c.in_features // g, c.ktaps, a // g, b // g
+        return g * (o * b * a * k + o * a * k * i), g * (b * a * k * i + o * b * k * i)
+
+    def _project_first(self) -> bool:
+        first, second = self._compose_orders()
+        return first <= second
+
+    def online_pays(self, x: torch.Tensor) -> bool:
+        """Whether composing the kernel and running one layer costs fewer MACs than the chain, for input ``x``.
+
+        Composing costs the same for any batch; the chain's cost grows with the
+        number of positions it runs on. A classifier (one position per image)
+        on a small batch is cheaper as a chain; a convolution on a feature map
+        is cheaper composed. Both compute the same function and gradients.
+        """
+        c = self.config
+        rows_in = x.numel() // c.in_features
+        rows_out = max(1, rows_in // math.prod(c.stride)) if c.is_conv else rows_in
+        plain = rows_out * c.out_features * (c.in_features // c.groups) * c.ktaps
+        a, b = self.hidden
+        chain = rows_in * a * (c.in_features // c.groups) + rows_out * (b * (a // c.groups) * c.ktaps
+                                                                       + c.out_features * (b // c.groups))
+        return min(self._compose_orders()) + plain < chain
+
     def folded_weight_bias(self):
         return self.effective_weight_bias(torch.float64)
 
+    def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
+        """Compose the kernel and run one layer (what ``online`` does where it pays)."""
+        c = self.config
+        w, b = self.effective_weight_bias()
+        if not c.is_conv:
+            return F.linear(x, w, b)
+        return c.conv(c.pad(x), w, b)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if self.online:
-            w, b = self.effective_weight_bias()
-            if not c.is_conv:
-                return F.linear(x, w, b)
-            return c.conv(c.pad(x), w, b)
+        if self.online and self.online_pays(x):
+            return self.forward_composed(x)
         if c.is_conv:
             x = c.pad(x)
         return self.project(self.core(self.expand(x)))
