@@ -5,10 +5,10 @@ style in explicit form, plus its online fold where the style trains online.
 All variants of a model are timed in one process, interleaved round by round,
 so that machine noise hits them alike; the table gives the median ms per step
 and the ratio to Adam's median. Peak memory per step is measured for each
-variant in a fresh process (CUDA: ``max_memory_allocated``; CPU: the growth of
-the process's peak resident set over a few steps, which includes the
-parameters, gradients, optimizer state and activations) and given as a ratio
-to Adam's.
+variant in a fresh process (CUDA: ``max_memory_allocated``; CPU: the
+parameters' bytes plus the highest growth of the resident set, sampled every
+0.5 ms, over three steps: gradients, optimizer state, activations and
+workspaces) and given as a ratio to Adam's.
 
     python benchmarks/bench_train_step.py                      # every model, this machine
     python benchmarks/bench_train_step.py --models smallvgg,resnet20 --rounds 3
@@ -133,13 +133,31 @@ def _measure_memory(model_name: str, variant: str, device: torch.device, batch: 
             step(model, opt, x, y)
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
+    import gc
+    import threading
+
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * resource.getpagesize()
+
+    gc.collect()
+    before = rss()  # the built model's parameters are already resident
+    peak, done = [before], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for _ in range(3):
         step(model, opt, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    done.set()
+    sampler.join()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    # the step's own memory (activations, gradients, optimizer state) plus the parameters it updates
-    return float(peak - before + params)
+    # parameters + what a step adds at its peak (gradients, optimizer state, activations, workspaces)
+    return float(params + peak[0] - before)
 
 
 def main() -> None:

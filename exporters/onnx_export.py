@@ -33,6 +33,7 @@ from torch import nn
 
 from sntfx.blocks import SNTBlock
 from sntfx.errors import DiskFullError, SntfxError
+from sntfx.graph_utils import mode
 from sntfx.io import is_disk_full
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "verify_onnx", "compare_arrays"]
@@ -93,11 +94,8 @@ def verify_onnx(path: str | Path, model: nn.Module, inputs: tuple[torch.Tensor, 
     size runs them in batches of that size (the last one padded with copies
     of its first sample, whose outputs are dropped).
     """
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with mode(model, training=False), torch.no_grad():
         ref = model(*inputs)
-    model.train(was)
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     sess = _session(path)
     names = [i.name for i in sess.get_inputs()]

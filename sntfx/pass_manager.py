@@ -277,10 +277,5 @@ class PassManager:
 
 
 def _eval_outputs(gm: fx.GraphModule, inputs: tuple) -> Any:
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return gm(*inputs)
-    finally:
-        gm.train(was_training)
+    with mode(gm, training=False), torch.no_grad():
+        return gm(*inputs)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph_utils import mode
+
 __all__ = [
     "top_eigenvalue",
     "hessian_trace",
@@ -199,9 +201,7 @@ def plot_landscape(curves: dict[str, dict], path, *, title: str = "") -> None:
 def measure(model: nn.Module, batches, *, rho: float = 0.05, iters: int = 50, trace_samples: int = 20,
             seed: int = 0) -> dict[str, float]:
     """Top eigenvalue, Hessian trace, SAM sharpness and the loss, in eval mode."""
-    was = model.training
-    model.eval()
-    try:
+    with mode(model, training=False):
         loss_fn = batch_loss_fn(model, batches)
         with torch.no_grad():
             loss = float(loss_fn())
@@ -211,5 +211,3 @@ def measure(model: nn.Module, batches, *, rho: float = 0.05, iters: int = 50, tr
             "hessian_trace": hessian_trace(loss_fn, model, samples=trace_samples, seed=seed),
             "sam_sharpness": sam_sharpness(loss_fn, model, rho=rho),
         }
-    finally:
-        model.train(was)

@@ -280,15 +280,12 @@ def trace(
 
 
 def _check_runs(model: nn.Module, inputs: tuple) -> None:
-    was_training = model.training
-    model.eval()
     try:
-        model(*inputs)
+        with mode(model, training=False):
+            model(*inputs)
     except Exception as exc:
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
         raise TraceError(
             f"{type(model).__name__} does not run on the example inputs of shape {shapes}: "
             f"{_first_line(exc)}. Give an input shape the model accepts (e.g. --input-shape 1,3,224,224)."
         ) from exc
-    finally:
-        model.train(was_training)

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Sampler
 from .blocks import SNTBlock
 from .data import Data
 from .errors import SntfxError
+from .graph_utils import mode
 from .io import atomic_torch_save, atomic_write
 from .sam import SAM
 
@@ -341,21 +342,19 @@ def set_online_fold(model: nn.Module, online: bool) -> int:
 @torch.no_grad()
 def evaluate(model: nn.Module, data_loader, device, *, limit: int | None = None, amp: bool = False) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy over a loader (eval mode)."""
-    was = model.training
-    model.eval()
     correct = total = 0
     loss_sum = 0.0
-    for i, (x, y) in enumerate(data_loader):
-        if limit is not None and i >= limit:
-            break
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(x)
-        out = out.float()
-        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
-        total += y.numel()
-    model.train(was)
+    with mode(model, training=False):
+        for i, (x, y) in enumerate(data_loader):
+            if limit is not None and i >= limit:
+                break
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(x)
+            out = out.float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += y.numel()
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": total}
 
 
