@@ -28,7 +28,6 @@ imported) unless one of these holds:
   signature under the local key (:mod:`sntfx.signing`).
 """
 
-
 from __future__ import annotations
 
 import hashlib

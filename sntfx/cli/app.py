@@ -14,8 +14,6 @@ from .. import __version__
 from ..errors import SntfxError
 
 console = Console()
-
-
 err_console = Console(stderr=True)
 
 

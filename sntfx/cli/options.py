@@ -52,14 +52,8 @@ class Text(click.ParamType):
 
 
 TEXT = Text()
-
-
 POSITIVE = FiniteFloat(0, low_open=True)
-
-
 NON_NEGATIVE = FiniteFloat(0)
-
-
 FRACTION = FiniteFloat(0, 1, high_open=True)
 
 
