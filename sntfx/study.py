@@ -80,8 +80,6 @@ STAGE_KEYS = {
     "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images"),
 }
 
-# Training cost of one step relative to Adam, for the progress estimate only
-# (measured ratios from benchmarks/bench_train_step.py, rounded).
 # -- methods -------------------------------------------------------------------
 
 
