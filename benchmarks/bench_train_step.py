@@ -116,10 +116,8 @@ def time_model(model_name: str, variants: list[str], device, rounds: int, steps:
 
 def peak_memory(model_name: str, variant: str, device: str, batch: int | None) -> float:
     """Peak bytes of one training step of ``variant``, measured in a fresh process."""
-    code = (f"import sys; sys.argv = ['x', '--_memory', {model_name!r}, {variant!r}, '--device', {device!r}"
-            + (f", '--batch', '{batch}'" if batch else "") + "]; "
-            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_train_step as b; b.main()")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    argv = [sys.executable, __file__, "--_memory", model_name, variant, "--device", device]
+    out = subprocess.run(argv + (["--batch", str(batch)] if batch else []), capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -54,10 +54,6 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
 
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it wraps) reports a full disk, a quota or a file-size limit."""
-    return _is_disk_full(exc)
-
-
-def _is_disk_full(exc: BaseException) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:  # torch wraps OS errors in RuntimeError
         seen.add(id(exc))
@@ -98,7 +94,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise DiskFullError(f"cannot write '{path}': no space left on its device; free some space or "
                                 "choose another output location") from exc
         raise
@@ -112,7 +108,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.replace(tmp_path, path)
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and _is_disk_full(exc):
+        if isinstance(exc, Exception) and is_disk_full(exc):
             raise DiskFullError(f"cannot write '{path}': no space left on its device (or over a quota or file-size "
                                 "limit); nothing was written. Free some space or choose another output location"
                                 ) from exc

@@ -286,12 +286,6 @@ def _example(f) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def _is_saved_file(model: str) -> bool:
-    from .workflow import is_model_file
-
-    return is_model_file(model)
-
-
 def _quick_data() -> str:
     from .data import FASHION_MNIST_DIRS, _find
 
@@ -613,12 +607,13 @@ class Study:
     def _load(self, run: Run):
         from .models import ModelSpec
         from .serialization import load, read_recipe
+        from .workflow import is_model_file
 
         # The study's own command names run.model; a stored file that rebuilds from that same source is trusted,
         # any other source goes through sntfx.load's usual trust rule.
         path = run.path / "model.pt"
         stored = ModelSpec.from_dict(read_recipe(path)["source"])
-        named = ModelSpec.parse(run.model) if not _is_saved_file(run.model) else None
+        named = ModelSpec.parse(run.model) if not is_model_file(run.model) else None
         same = named is not None and (stored.kind, stored.name, stored.entry) == (named.kind, named.name, named.entry)
         gm = load(path, trust_source=same or self.trust_source)
         gm.eval()

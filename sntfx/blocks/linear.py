@@ -13,6 +13,7 @@ costs fewer multiply-adds.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -133,6 +134,7 @@ class LinearExpansion(SNTBlock):
         b = torch.einsum("gob,gb->go", p, b2).reshape(-1) + cast(self.project.bias)
         return w, b
 
+    @functools.cached_property
     def _compose_orders(self) -> tuple[int, int]:
         """MACs of composing the kernel as (W3 W2) W1 and as W3 (W2 W1)."""
         c, g = self.config, self.config.groups
@@ -141,7 +143,7 @@ class LinearExpansion(SNTBlock):
         return g * (o * b * a * k + o * a * k * i), g * (b * a * k * i + o * b * k * i)
 
     def _project_first(self) -> bool:
-        first, second = self._compose_orders()
+        first, second = self._compose_orders
         return first <= second
 
     def online_pays(self, x: torch.Tensor) -> bool:
@@ -159,7 +161,7 @@ class LinearExpansion(SNTBlock):
         a, b = self.hidden
         chain = rows_in * a * (c.in_features // c.groups) + rows_out * (b * (a // c.groups) * c.ktaps
                                                                        + c.out_features * (b // c.groups))
-        return min(self._compose_orders()) + plain < chain
+        return min(self._compose_orders) + plain < chain
 
     def folded_weight_bias(self):
         return self.effective_weight_bias(torch.float64)

@@ -53,7 +53,9 @@ class SntfxGroup(click.Group):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        verbose = sum(a in ("-vv", "-vvv") or a == "--verbose" for a in (args if args is not None else sys.argv[1:]))
+        given = args if args is not None else sys.argv[1:]  # -vv (or --verbose twice) shows tracebacks
+        verbose = sum(a.count("v") if a.startswith("-v") and set(a[1:]) == {"v"} else a == "--verbose"
+                      for a in given) >= 2
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.UsageError as exc:

@@ -51,8 +51,7 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
 
     out = check_output_path(onnx_path, [model])
     report_out = check_output_path(report_path, [model, onnx_path]) if report_path else None
-    if int8:
-        check_output_path(out.with_name(out.stem + ".int8.onnx"), [model])
+    int8_path = check_output_path(out.with_name(out.stem + ".int8.onnx"), [model]) if int8 else None
     if int8 and not data_name:
         raise SntfxError("--int8 needs --data to calibrate on, e.g. --data fashion-mnist")
     only_with(["calib_batches", "calib_method", "min_agreement"], int8, "--int8")
@@ -97,8 +96,6 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
         console.print(f"[yellow]torch.export-based export failed ({report.fallback_reason}); used the TorchScript exporter[/]")
     payload = {"float": report.to_dict()}
     if int8:
-        int8_path = out.with_name(out.stem + ".int8.onnx")
-        check_output_path(int8_path, [model])
         with console.status("quantizing to int8 (static, QDQ) ..."):
             import onnxruntime as ort
 
