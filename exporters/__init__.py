@@ -8,8 +8,8 @@
   CPU, with provider-fallback detection.
 """
 
-from .int8 import quantize_int8
-from .onnx_export import ExportError, ExportReport, compare_arrays, export_onnx, verify_onnx
+from .int8 import export_int8, quantize_int8
+from .onnx_export import ExportError, ExportReport, compare_arrays, export_onnx, ort_session, verify_onnx
 from .ort_bench import BenchResult, bench_onnx, onnx_accuracy, resolve_providers
 
 __all__ = [
@@ -19,6 +19,8 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "quantize_int8",
+    "export_int8",
+    "ort_session",
     "bench_onnx",
     "onnx_accuracy",
     "resolve_providers",

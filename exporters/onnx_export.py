@@ -35,6 +35,7 @@ from sntfx.blocks import SNTBlock
 from sntfx.errors import DiskFullError, SntfxError
 from sntfx.graph_utils import mode
 from sntfx.io import is_disk_full
+from sntfx.tracing import compare_outputs
 
 __all__ = ["ExportError", "ExportReport", "export_onnx", "verify_onnx", "compare_arrays"]
 
@@ -70,20 +71,30 @@ def compare_arrays(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
     if ref.shape != out.shape:
         return {"max_abs": float("inf"), "rel": float("inf"), "top1_agreement": 0.0}
     diff = np.abs(ref - out)
-    denom = np.linalg.norm(ref)
     result = {"max_abs": float(diff.max()) if diff.size else 0.0,
-              "rel": float(np.linalg.norm(ref - out) / denom) if denom > 0 else float(np.linalg.norm(ref - out))}
+              "rel": compare_outputs(torch.from_numpy(ref), torch.from_numpy(out))}
     if ref.ndim == 2 and ref.shape[1] > 1:
         result["top1_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
     return result
 
 
-def _session(path: str | Path, providers=("CPUExecutionProvider",)):
+def ort_session(path: str | Path, providers=("CPUExecutionProvider",), *, profile_prefix: str | None = None):
+    """An ONNX Runtime session for ``path`` with ORT's own logging quiet; a bad file is an :class:`ExportError`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    if not Path(path).is_file():
+        raise ExportError(f"'{path}' does not exist; give an .onnx file (e.g. from `sntfx export`)")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad file
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"'{path}' is not an ONNX model that ONNX Runtime can load ({first}); give an .onnx "
+                          "file written by `sntfx export` (a .pt model is exported first)") from exc
 
 
 def verify_onnx(path: str | Path, model: nn.Module, inputs: tuple[torch.Tensor, ...], *, rtol: float = 1e-4,
@@ -97,7 +108,7 @@ def verify_onnx(path: str | Path, model: nn.Module, inputs: tuple[torch.Tensor, 
     with mode(model, training=False), torch.no_grad():
         ref = model(*inputs)
     refs = [ref] if isinstance(ref, torch.Tensor) else list(ref)
-    sess = _session(path)
+    sess = ort_session(path)
     names = [i.name for i in sess.get_inputs()]
     batch = sess.get_inputs()[0].shape[0]
     n = int(inputs[0].shape[0])

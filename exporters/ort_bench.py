@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .onnx_export import ExportError
+from .onnx_export import ExportError, ort_session
 
 __all__ = ["BenchResult", "bench_onnx", "resolve_providers", "PROVIDERS", "onnx_accuracy", "check_onnx_model"]
 
@@ -91,25 +91,7 @@ def resolve_providers(provider: str) -> list[str]:
 
 def check_onnx_model(path: str | Path) -> None:
     """Raise :class:`ExportError` unless ONNX Runtime can load ``path`` (on the CPU)."""
-    _session(path, [PROVIDERS["cpu"]])
-
-
-def _session(path, providers, profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if profile_prefix:
-        opts.enable_profiling = True
-        opts.profile_file_prefix = profile_prefix
-    if not Path(path).is_file():
-        raise ExportError(f"'{path}' does not exist; give an .onnx file (e.g. from `sntfx export`)")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad file
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"'{path}' is not an ONNX model that ONNX Runtime can load ({first}); give an .onnx "
-                          "file written by `sntfx export` (a .pt model is exported first)") from exc
+    ort_session(path, [PROVIDERS["cpu"]])
 
 
 def _input_shape(meta, batch: int) -> list[int]:
@@ -124,7 +106,7 @@ def _fixed_batch(meta) -> int | None:
 def _node_providers(path, providers, feeds) -> dict[str, int]:
     """Run once with profiling on and count executed nodes per provider."""
     with tempfile.TemporaryDirectory() as tmp:
-        sess = _session(path, providers, profile_prefix=str(Path(tmp) / "prof"))
+        sess = ort_session(path, providers, profile_prefix=str(Path(tmp) / "prof"))
         sess.run(None, feeds)
         trace = sess.end_profiling()
         events = json.loads(Path(trace).read_text())
@@ -150,7 +132,7 @@ def bench_onnx(path: str | Path, *, provider: str = "auto", batch_sizes=(1, 8, 3
     for p in requested[:-1]:
         if p not in available:
             warnings.append(f"{p} is not available in this ONNX Runtime build ({', '.join(available)})")
-    sess = _session(path, requested)
+    sess = ort_session(path, requested)
     actual = sess.get_providers()
     inp = sess.get_inputs()[0]
     rng = np.random.default_rng(seed)
@@ -225,7 +207,7 @@ def _size(path: Path) -> int:
 def onnx_accuracy(path: str | Path, dataset, *, provider: str = "cpu", batch_size: int = 64,
                   limit: int | None = None) -> float:
     """Top-1 accuracy of an ONNX classifier on a dataset of (image, label) pairs."""
-    sess = _session(path, resolve_providers(provider))
+    sess = ort_session(path, resolve_providers(provider))
     inp = sess.get_inputs()[0]
     fixed = _fixed_batch(inp)
     bs = fixed or batch_size

@@ -118,7 +118,7 @@ def setup_onnx():
 
 
 def setup_report():
-    from sntfx.report import write_report
+    from sntfx.study import write_report
 
     results = json.loads(Path(sys.argv[6]).read_text())
     versions = {v: dict(results, created=f"2024-01-0{i} (version {v})") for i, v in ((1, "A"), (2, "B"))}
@@ -367,7 +367,7 @@ def _png_complete(path: Path) -> bool:
 
 
 def test_report_onto_a_full_disk(tmp_path):
-    from sntfx.report import write_report
+    from sntfx.study import write_report
 
     results = json.loads(RESULTS.read_text())
     with small_disk(tmp_path / "disk") as disk:  # the report and its five plots take ~0.5 MB
@@ -471,7 +471,7 @@ def test_save_failing_part_way(tmp_path, monkeypatch, wrapped):
 def test_report_failing_part_way(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 
-    from sntfx.report import write_report
+    from sntfx.study import write_report
 
     calls = []
 

@@ -221,7 +221,7 @@ def test_changed_sweep_settings_redo_the_sweep_only(tmp_path):
 
 def test_killed_mid_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Interrupt inside the second epoch: the resumed run ends bit-identical to an uninterrupted one."""
-    import sntfx.study as study_mod
+    import sntfx.study.runner as study_mod
 
     config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False)
     Study(config, tmp_path / "ref").run()

@@ -35,15 +35,10 @@ from .options import TEXT, FiniteFloat, only_with, trust_options
 def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
            calib_batches, calib_method, min_agreement, verify_samples, report_path, source_file, trust_source):
     """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
-    import os
-    import tempfile
-
     import torch
 
-    from ..calibration import CalibrationReader
     from ..data import fixed_batches, load_data
-    from ..exporters import export_onnx, quantize_int8, verify_onnx
-    from ..exporters.onnx_export import ExportError
+    from ..exporters import export_int8, export_onnx
     from ..io import atomic_write, check_output_path
     from ..models import parse_input_shape
     from ..tracing import inputs_from_spec, sntfx_meta
@@ -97,24 +92,14 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
     payload = {"float": report.to_dict()}
     if int8:
         with console.status("quantizing to int8 (static, QDQ) ..."):
-            import onnxruntime as ort
-
-            input_name = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-            reader = CalibrationReader(data.train, input_name, batches=calib_batches,
-                                       fixed_batch=None if dynamic_batch else example[0].shape[0])
-            with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sntfx-int8-") as tmp:
-                tmp_int8 = os.path.join(tmp, int8_path.name)
-                quantize_int8(out, tmp_int8, reader, method=calib_method)
-                check = verify_onnx(tmp_int8, gm, verify, rtol=float("inf"), min_top1=min_agreement)
-                if not check["ok"]:
-                    raise ExportError(f"the int8 model disagrees with the float model: {check['reason']}; "
-                                      "nothing was written for it (try --calib-method percentile or more --calib-batches)")
-                os.replace(tmp_int8, int8_path)
+            int8_info = export_int8(out, int8_path, gm, data.train, verify, calib_batches=calib_batches,
+                                    calib_method=calib_method, min_top1=min_agreement,
+                                    fixed_batch=None if dynamic_batch else example[0].shape[0])
+        check = int8_info["verification"]
         console.print(f"int8 model {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB): top-1 agreement with the "
                       f"float model {check['top1_agreement']:.2%} on {check['samples']} inputs, rel {check['rel']:.2e}",
                       highlight=False)
-        payload["int8"] = {"path": str(int8_path), "verification": check, "calibration_batches": len(reader),
-                           "calibration_method": calib_method}
+        payload["int8"] = {"path": str(int8_path), **int8_info}
     if report_out:
         atomic_write(report_out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     console.print(f"wrote [bold]{out}[/]")

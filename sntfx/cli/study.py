@@ -57,7 +57,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
 
     out_dir = Path(out)
     if report_only:
-        from ..report import write_report
+        from ..study import write_report
 
         ctx = click.get_current_context()
         extra = [p.opts[0] for p in ctx.command.params if p.name not in ("report_only", "out") and given(p.name)]
@@ -111,7 +111,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
 
 
 def print_study_summary(results: dict) -> None:
-    from ..report import short_verdict
+    from ..study import short_verdict
 
     for model, summary in results["summary"].items():
         table = Table(title=f"{model} on {results['dataset']['name']}: accuracy gained over Adam (points, mean ± std "

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write
-from .study import slug
+from ..io import atomic_write
+from .config import slug
 
 __all__ = ["write_report", "verdict", "short_verdict"]
 

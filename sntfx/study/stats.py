@@ -1,0 +1,127 @@
+"""Study statistics: per-run metrics, means over seeds, paired gains over Adam, and the results schema."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SntfxError
+from .config import StudyConfig
+
+__all__ = ["metrics_of", "summarize", "validate_results", "SCHEMA_PATH", "SCHEMA_VERSION"]
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "study-results.schema.json"
+SCHEMA_VERSION = 1
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+def metrics_of(record: dict[str, Any]) -> dict[str, float]:
+    """One run's numbers as a flat ``name -> value`` map (accuracies in [0, 1])."""
+    m: dict[str, float] = {}
+    ev, sw, tr, ox = (record.get(k) or {} for k in ("evaluate", "sweep", "train", "onnx"))
+    if ev:
+        m["float"] = ev["float_accuracy"]
+        for k in ("top_eigenvalue", "hessian_trace", "sam_sharpness", "loss"):
+            m[f"sharpness:{k}"] = ev["sharpness"][k]
+    if sw:
+        m["sweep:float"] = sw["float"]
+        for s, acc in sw["sparsity"].items():
+            m[f"sparsity:{s}"] = acc
+        for s, v in sw["channel_sparsity"].items():
+            m[f"channels:{s}"] = v["accuracy"]
+        for b, acc in sw["bits"].items():
+            m[f"W{b}"] = acc
+        for name, acc in sw["act_bits"].items():
+            m[name] = acc
+    if tr:
+        m["epoch_seconds"] = tr["epoch_seconds_median"]
+    for kind in ("fp32", "int8"):
+        part = ox.get(kind) or {}
+        if "bench" in part:
+            for b, lat in part["bench"]["latency"].items():
+                m[f"ort:{kind}:ms:b{b}"] = lat["p50_ms"]
+            m[f"ort:{kind}:accuracy"] = part["accuracy"]
+            m[f"ort:{kind}:mb"] = part["size_bytes"] / 1e6
+    return m
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+
+
+def summarize(records: Sequence[dict[str, Any]], config: StudyConfig) -> dict[str, Any]:
+    """Per model and method: mean/std/n of every metric over seeds, and paired gains over Adam.
+
+    Gains are paired by seed (each method and Adam share the initial weights
+    and the data order), so the spread is that of the per-seed differences.
+    """
+    out: dict[str, Any] = {}
+    for model in config.models:
+        per_method: dict[str, dict[int, dict[str, float]]] = {}
+        for rec in records:
+            if rec["model"] == model:
+                per_method.setdefault(rec["method"], {})[rec["seed"]] = metrics_of(rec)
+        adam = per_method.get("adam", {})
+        metrics, gains, groups = {}, {}, {}
+        for method, by_seed in per_method.items():
+            names = sorted({k for m in by_seed.values() for k in m})
+            metrics[method] = {k: _stats([m.get(k) for m in by_seed.values()]) for k in names}
+            rel_time = [by_seed[s]["epoch_seconds"] / adam[s]["epoch_seconds"] for s in by_seed
+                        if s in adam and "epoch_seconds" in by_seed[s] and "epoch_seconds" in adam[s]]
+            metrics[method]["epoch_time_vs_adam"] = _stats(rel_time)
+            if method == "adam":
+                continue
+            acc_keys = [k for k in names if _is_accuracy(k)]
+            gains[method] = {k: _stats([by_seed[s][k] - adam[s][k] for s in by_seed
+                                        if s in adam and k in by_seed[s] and k in adam[s]]) for k in acc_keys}
+            groups[method] = {g: _stats(_group_gain(by_seed, adam, keys)) for g, keys in _groups(acc_keys).items()}
+        out[model] = {"metrics": metrics, "gains_over_adam": gains, "group_gains_over_adam": groups}
+    return out
+
+
+def _is_accuracy(key: str) -> bool:
+    return key == "float" or key.startswith(("sparsity:", "channels:", "W", "ort:")) and (
+        not key.startswith("ort:") or key.endswith(":accuracy"))
+
+
+def _groups(keys: Sequence[str]) -> dict[str, list[str]]:
+    """The settings averaged in the verdict: unstructured pruning, channel pruning, low-bit quantization."""
+    return {
+        "unstructured pruning": [k for k in keys if k.startswith("sparsity:")],
+        "channel pruning": [k for k in keys if k.startswith("channels:")],
+        "quantization (<= 6 bits)": [k for k in keys if re.fullmatch(r"W[2-6]", k) or re.fullmatch(r"W[2-6]A\d+", k)],
+    }
+
+
+def _group_gain(by_seed, adam, keys) -> list[float]:
+    """Per seed: the method's accuracy minus Adam's, averaged over ``keys``."""
+    out = []
+    for s, m in by_seed.items():
+        if s in adam and keys and all(k in m and k in adam[s] for k in keys):
+            out.append(statistics.fmean(m[k] - adam[s][k] for k in keys))
+    return out
+
+
+# -- schema ----------------------------------------------------------------------------
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise :class:`SntfxError` if ``results`` does not follow the published schema."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(results), key=lambda e: list(e.path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.path) or "(top level)"
+        raise SntfxError(f"study results do not match the schema at {where}: {first.message}")
