@@ -16,9 +16,12 @@ install: $(STAMP)
 
 ## The main job on the embedded default: Adam vs SAM vs SNT on Fashion-MNIST
 ## (scikit-learn's digits when it is not installed), a small CNN, 2 seeds.
+## DEMO_ARGS adds study options (e.g. DEMO_ARGS="--epochs 2"); DEMO_OUT moves the results.
+DEMO_OUT  ?= demo-results
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/sntfx study --preset quick --out demo-results
-	@echo "report: demo-results/report.md"
+	$(BIN)/sntfx study --preset quick --out $(DEMO_OUT) $(DEMO_ARGS)
+	@echo "report: $(DEMO_OUT)/report.md"
 
 ## Unit and integration tests (a few minutes on 2 cores).
 test: $(STAMP)

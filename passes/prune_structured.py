@@ -25,6 +25,7 @@ from torch import nn
 
 from sntfx.compress_utils import check_fraction, prunable_layers
 from sntfx.errors import SntfxError
+from sntfx.graph_utils import count_parameters
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.tracing import propagate_shapes
 
@@ -88,20 +89,20 @@ class StructuredPrune(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         import torch_pruning as tp
 
-        before = sum(p.numel() for p in gm.parameters())
+        before = count_parameters(gm)
         self._prune(gm, tuple(ctx.example_inputs), ctx, tp)
         self.shapes = {k: list(v.shape) for k, v in gm.state_dict().items()}
         return self._result(gm, ctx, before, modified=None)
 
     def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Prune to the recorded shapes (which channels survived does not matter: the weights are loaded next)."""
-        before = sum(p.numel() for p in gm.parameters())
+        before = count_parameters(gm)
         self._prune_to(gm, tuple(ctx.example_inputs), self.shapes)
         return self._result(gm, ctx, before, modified=True)
 
     def _result(self, gm, ctx: PassContext, before: int, modified: bool | None) -> PassResult:
         propagate_shapes(gm, ctx.example_inputs)
-        after = sum(p.numel() for p in gm.parameters())
+        after = count_parameters(gm)
         stats = Counter({"parameters removed": before - after})
         info = {"params_before": before, "params_after": after,
                 "channels": {n: int(m.weight.shape[0]) for n, m in prunable_layers(gm)}}

@@ -33,7 +33,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import nn
 
-from sntfx.blocks import SNTBlock, get_style, make_block
+from sntfx.blocks import SNTBlock, get_style, layer_kind, make_block
 from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, set_module, shared_parameter_owners
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.policy import Policy
@@ -48,16 +48,6 @@ FUNCTIONAL_LAYERS = {
     F.conv3d: "conv",
     F.linear: "linear",
 }
-
-
-def _kind(m: nn.Module) -> str | None:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if isinstance(m, nn.Conv2d):
-        return "conv2d"
-    if isinstance(m, nn.Conv1d):
-        return "conv1d"
-    return None
 
 
 @register_pass
@@ -120,14 +110,14 @@ class SNTExpand(Pass):
         modules = dict(gm.named_modules())
         targets: list[str] = []
         for node in gm.graph.nodes:
-            if node.op == "call_module" and node.target not in targets and _kind(modules[node.target]):
+            if node.op == "call_module" and node.target not in targets and layer_kind(modules[node.target]):
                 targets.append(node.target)
             elif node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
                 stats[f"skip: functional {FUNCTIONAL_LAYERS[node.target]}"] += 1
 
         # Layers the graph never calls sit inside an opaque (leaf) module.
         for path, mod in modules.items():
-            if _kind(mod) and path not in targets and not _inside(path, targets) and not isinstance(mod, SNTBlock):
+            if layer_kind(mod) and path not in targets and not _inside(path, targets) and not isinstance(mod, SNTBlock):
                 if not any(isinstance(modules.get(p), SNTBlock) for p in _ancestors(path)):
                     stats["skip: inside opaque module"] += 1
 
@@ -137,7 +127,7 @@ class SNTExpand(Pass):
         expanded = 0
         for index, path in enumerate(targets):
             layer = modules[path]
-            kind = _kind(layer)
+            kind = layer_kind(layer)
             if not is_plain(layer, nn.Conv1d, nn.Conv2d, nn.Linear):
                 stats[f"skip: custom forward ({type(layer).__name__})"] += 1
                 continue

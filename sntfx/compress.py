@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.utils.data import DataLoader
 
 from .blocks import SNTBlock
+from .graph_utils import count_parameters
 from .data import Data, fixed_batches
 from .errors import SntfxError
 from .pass_base import Pass, PassContext
@@ -120,7 +121,7 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
     for s in channel_sparsities:
         pruned = apply_pass(gm, StructuredPrune(s), data).graph_module
         result["channel_sparsity"][str(s)] = {"accuracy": accuracy(pruned, data, limit=limit),
-                                              "params": sum(p.numel() for p in pruned.parameters())}
+                                              "params": count_parameters(pruned)}
         tick(f"channels {s}")
     for b in bits:
         q = apply_pass(gm, SimulatedQuantize(wbits=b), data).graph_module

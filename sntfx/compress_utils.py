@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from .blocks.base import LAYER_CLASSES, LAYER_TYPES
 from .graph_utils import is_plain
 
 __all__ = ["prunable_layers", "check_fraction"]
 
-_KINDS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "linear": nn.Linear}
 
 
 def prunable_layers(gm: fx.GraphModule, *, exclude_first: bool = False, exclude_last: bool = False,
-                    types: tuple[str, ...] = ("conv1d", "conv2d", "linear")) -> list[tuple[str, nn.Module]]:
+                    types: tuple[str, ...] = LAYER_TYPES) -> list[tuple[str, nn.Module]]:
     """Plain conv/linear layers the graph calls, in order of first call, deduplicated."""
-    classes = tuple(_KINDS[t] for t in types)
+    classes = tuple(LAYER_CLASSES[t] for t in types)
     seen: list[str] = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in seen:

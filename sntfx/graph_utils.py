@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = [
+    "count_parameters",
     "set_module",
     "call_sites",
     "find_bias_sink",
@@ -19,6 +20,11 @@ __all__ = [
     "randomize_",
     "mode",
 ]
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def set_module(root: nn.Module, path: str, new: nn.Module) -> None:

@@ -40,18 +40,13 @@ import torch.fx as fx
 
 from .errors import EquivalenceError, PassError, PassPreconditionError, PipelineOrderError, SntfxError
 from .pass_base import Numerics, Pass, PassContext, PassResult, Property, parse_pipeline, registered_passes
-from .graph_utils import mode
+from .graph_utils import count_parameters, mode
 from .tracing import compare_outputs, sntfx_meta
 
 __all__ = ["PassManager", "PassReport", "PipelineReport", "Instrument", "graph_properties", "count_parameters",
            "mode"]
 
 log = logging.getLogger(__name__)
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 # Instruments attached to every pipeline in this process: for test suites and debugging sessions

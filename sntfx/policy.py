@@ -31,12 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .blocks import style_names
+from .blocks import LAYER_TYPES, style_names
 from .errors import PolicyError
 
 __all__ = ["Policy", "Rule", "Decision", "LAYER_TYPES"]
 
-LAYER_TYPES = ("conv1d", "conv2d", "linear")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import logging
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -177,10 +178,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return _read(path)[0]
 
 
-def check_trust(path: str | Path, spec: ModelSpec, *, trust_source: bool = False, model_file=None,
-                signed: bool = False) -> None:
+def check_trust(path: str | Path, spec: ModelSpec, *, trust_source: bool | Callable[[ModelSpec], bool] = False,
+                model_file=None, signed: bool = False) -> None:
     """Refuse to rebuild ``spec`` from ``path`` if that would run code the user has not trusted."""
-    if not spec.runs_code or trust_source or model_file is not None or signed:
+    if not spec.runs_code or model_file is not None or signed:
+        return
+    if trust_source(spec) if callable(trust_source) else trust_source:
         return
     what = f"the Python file '{spec.name}'" if spec.kind == "file" else f"the Python module '{spec.name}'"
     raise UntrustedSourceError(
@@ -192,7 +195,8 @@ def check_trust(path: str | Path, spec: ModelSpec, *, trust_source: bool = False
     )
 
 
-def load(path: str | Path, *, model_file: str | Path | None = None, trust_source: bool = False) -> fx.GraphModule:
+def load(path: str | Path, *, model_file: str | Path | None = None,
+         trust_source: bool | Callable[[ModelSpec], bool] = False) -> fx.GraphModule:
     """Rebuild a saved model: build from its source, trace, replay the passes, load weights.
 
     Args:
@@ -202,7 +206,10 @@ def load(path: str | Path, *, model_file: str | Path | None = None, trust_source
             trusts it.
         trust_source: rebuild a ``file``/``import`` source even though the
             file was not saved by this user on this machine (importing runs
-            code: only for files whose origin you trust).
+            code: only for files whose origin you trust). A callable is asked
+            about the recipe's source (a :class:`~sntfx.models.ModelSpec`)
+            and trusts it by returning True: for callers that vouch for
+            particular sources, such as the one their own command named.
 
     Returns:
         The GraphModule, in eval mode, with its recipe in ``gm.meta["sntfx"]``.

@@ -171,11 +171,9 @@ def landscape(model: nn.Module, loss_fn: LossFn, *, dims: int = 1, steps: int = 
 
 def plot_landscape(curves: dict[str, dict], path, *, title: str = "") -> None:
     """Draw 1-D landscapes (several models on one axis) or one 2-D contour map as PNG."""
-    import matplotlib
+    from .plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     two_d = [name for name, c in curves.items() if "betas" in c]
     if two_d:
@@ -194,8 +192,7 @@ def plot_landscape(curves: dict[str, dict], path, *, title: str = "") -> None:
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def measure(model: nn.Module, batches, *, rho: float = 0.05, iters: int = 50, trace_samples: int = 20,

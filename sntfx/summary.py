@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from .blocks import LayerConfig, SNTBlock, get_style, layer_macs
-from .graph_utils import output_shape
+from .graph_utils import count_parameters, output_shape
 
 __all__ = ["LayerRow", "layer_summary"]
 
@@ -28,10 +28,6 @@ class LayerRow:
     params_folded: int
     macs: int | None
     macs_folded: int | None
-
-
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def _describe(c: LayerConfig) -> str:
@@ -59,7 +55,7 @@ def layer_summary(gm: fx.GraphModule) -> list[LayerRow]:
                 config.out_features if config.bias else 0
             )
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            config, expansion, folded_params = LayerConfig.from_module(m), "", _params(m)
+            config, expansion, folded_params = LayerConfig.from_module(m), "", count_parameters(m)
         else:
             continue
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -70,7 +66,7 @@ def layer_summary(gm: fx.GraphModule) -> list[LayerRow]:
             macs = m.macs(in_shape, out_shape) if isinstance(m, SNTBlock) and in_shape else folded
         row = rows.get(node.target)
         if row is None:
-            rows[node.target] = LayerRow(node.target, _describe(config), expansion, _params(m), folded_params, macs, folded)
+            rows[node.target] = LayerRow(node.target, _describe(config), expansion, count_parameters(m), folded_params, macs, folded)
         elif macs is not None and row.macs is not None:  # several call sites: add their cost
             row.macs += macs
             row.macs_folded += folded

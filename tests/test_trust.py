@@ -94,6 +94,47 @@ def test_naming_the_model_file_trusts_it(crafted):
     assert isinstance(gm, torch.fx.GraphModule) and crafted["marker"].exists()
 
 
+def test_a_trust_predicate_sees_the_recorded_source_and_decides(crafted):
+    """``trust_source`` as a callable is asked about the recipe's source; False refuses before any import."""
+    asked = []
+
+    def only_model_py(spec):
+        asked.append((spec.kind, spec.name))
+        return spec.kind == "file" and Path(spec.name).name == "model.py"
+
+    with pytest.raises(UntrustedSourceError):
+        sntfx.load(crafted["import"], trust_source=only_model_py)
+    assert asked == [("import", "subprocess")] and not crafted["marker"].exists()
+    gm = sntfx.load(crafted["file"], trust_source=only_model_py)
+    assert isinstance(gm, torch.fx.GraphModule) and crafted["marker"].exists()
+
+
+def test_a_study_trusts_the_source_its_own_command_names(crafted, tmp_path):
+    """A copied study folder (runs not signed here) resumes for the model file the command names, not for another."""
+    from sntfx.study import Study, StudyConfig
+
+    config = StudyConfig(models=[str(crafted["model_py"])], data="digits", methods=["adam"], seeds=[0], epochs=1,
+                         limit_batches=1, eval_images=32, sharpness_batches=1, sharpness_iters=2, trace_samples=1,
+                         landscape_steps=3, sparsities=[0.5], channel_sparsities=[0.2], bits=[4], act_bits=[],
+                         onnx=False)
+    out = tmp_path / "study"
+    study = Study(config, out, stop_after=lambda run, stage: stage == "train")
+    with pytest.raises(KeyboardInterrupt):
+        study.run()
+    model_pt = next(out.glob("runs/*/adam/seed0/model.pt"))
+    _rewrite(model_pt)  # as if the folder came from another machine: our signature is gone
+    crafted["marker"].unlink()
+    resumed = Study(config, out)
+    resumed.run()
+    assert ("evaluate" in {stage for _, stage in resumed.executed}) and crafted["marker"].exists()
+    _rewrite(model_pt, source={"kind": "import", "name": "subprocess", "entry": "run",
+                               "kwargs": {"args": ["touch", str(tmp_path / "other")]}})
+    (model_pt.parent / "evaluate.json").unlink()
+    with pytest.raises(UntrustedSourceError):
+        Study(config, out).run()
+    assert not (tmp_path / "other").exists()
+
+
 def test_files_saved_here_are_trusted_by_their_signature(crafted, tmp_path):
     gm = sntfx.load(crafted["file"], trust_source=True)
     mine = tmp_path / "mine.pt"

@@ -40,7 +40,7 @@ yields no bias at all.
 
 from __future__ import annotations
 
-from .base import LayerConfig, SNTBlock, layer_macs
+from .base import LAYER_CLASSES, LAYER_TYPES, LayerConfig, SNTBlock, layer_kind, layer_macs
 from .registry import OPTIONS, StyleInfo, get_style, make_block, register_style, style_names
 
 # The built-in styles register themselves on import.
@@ -51,6 +51,9 @@ STYLES = style_names()  # the built-in styles; code that must see styles registe
 
 __all__ = [
     "LayerConfig",
+    "LAYER_CLASSES",
+    "LAYER_TYPES",
+    "layer_kind",
     "SNTBlock",
     "LinearExpansion",
     "BranchBlock",

@@ -11,10 +11,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-__all__ = ["LayerConfig", "SNTBlock", "layer_macs"]
+__all__ = ["LayerConfig", "SNTBlock", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
+
+#: The layer kinds SNT expands, prunes and quantizes, by name (the policy's ``types``, ``LayerConfig.kind``).
+LAYER_CLASSES: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "linear": nn.Linear}
+LAYER_TYPES = tuple(LAYER_CLASSES)
+
+
+def layer_kind(m: nn.Module) -> str | None:
+    """``"conv1d"``, ``"conv2d"`` or ``"linear"`` for those layers (and their subclasses), else None."""
+    return next((kind for kind, cls in LAYER_CLASSES.items() if isinstance(m, cls)), None)
 
 
 @dataclass(frozen=True)
@@ -34,11 +43,12 @@ class LayerConfig:
 
     @classmethod
     def from_module(cls, m: nn.Module) -> LayerConfig:
-        if isinstance(m, nn.Linear):
+        kind = layer_kind(m)
+        if kind == "linear":
             return cls("linear", m.in_features, m.out_features, bias=m.bias is not None)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        if kind is not None:
             return cls(
-                f"conv{len(m.kernel_size)}d",
+                kind,
                 m.in_channels,
                 m.out_channels,
                 tuple(m.kernel_size),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
@@ -28,28 +27,15 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def handle_errors(fn):
-    """Turn sntfx errors into a one-paragraph message and exit status 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SntfxError as exc:
-            fail(str(exc))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
-            fail(f"{exc.strerror or exc}: '{exc.filename}'")
-
-    return wrapper
-
-
 class SntfxGroup(click.Group):
-    """The command group: usage errors as one paragraph (exit 2), unexpected errors without a traceback.
+    """The command group: every command's errors handled in one place.
 
-    Click's own usage errors (bad types, out-of-range values, missing files)
-    become the same ``error: ...`` paragraph as sntfx's errors. An exception
-    sntfx did not anticipate is a bug: it is reported in one line with exit
-    status 1, and ``-vv`` shows its traceback.
+    Click's usage errors (bad types, out-of-range values, missing files),
+    :class:`~sntfx.errors.SntfxError` and file-system errors become one
+    ``error: ...`` paragraph with exit status 2, so a command needs no error
+    handling of its own. An exception sntfx did not anticipate is a bug: it
+    is reported in one line with exit status 1, and ``-vv`` shows its
+    traceback.
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -66,6 +52,10 @@ class SntfxGroup(click.Group):
             sys.exit(130)
         except click.exceptions.ClickException as exc:
             fail(exc.format_message())
+        except SntfxError as exc:  # what the user can fix: bad input, a refused file, a missing dataset
+            fail(str(exc))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            fail(f"{exc.strerror or exc}: '{exc.filename}'")
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence: no traceback on the console

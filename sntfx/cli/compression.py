@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
-from .app import cli, console, handle_errors
+from .app import cli, console
 from .console import TrainProgress, print_pass_report, train_progress
 from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_options, unique_names
 
@@ -35,7 +35,6 @@ from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_opt
               help="Fine-tune after pruning with the zeros held fixed (needs --data).")
 @click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
 @trust_options
-@handle_errors
 def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to, exclude_first, exclude_last,
           data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
     """Prune a folded MODEL: magnitude (exact sparsity), N:M, or structured channels."""
@@ -107,7 +106,6 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
 @click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @trust_options
-@handle_errors
 def quantize(model, out, wbits, abits, granularity, method, act_method, calib_batches, data_name, data_dir,
              source_file, trust_source):
     """Simulated post-training quantization of a folded MODEL (still a torch model)."""
@@ -160,7 +158,6 @@ def quantize(model, out, wbits, abits, granularity, method, act_method, calib_ba
 @click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; PNG plots are written beside it.")
 @trust_options
-@handle_errors
 def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, source_file, trust_source):
     """Accuracy of folded MODELS under pruning and quantization, without fine-tuning, on one set of axes."""
     from ..compress import check_sweep_settings, parse_sweep_axis
@@ -205,13 +202,9 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
 
 
 def sweep_plots(results: dict, out_path: Path, dataset: str) -> list[str]:
-    import matplotlib
+    from ..plotting import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_write
-
+    plt = pyplot()
     written = []
     for section, xlabel, fname in (("sparsity", "weight sparsity (global magnitude)", "sparsity"),
                                    ("bits", "weight bits (per-channel, simulated)", "bits")):
@@ -227,7 +220,6 @@ def sweep_plots(results: dict, out_path: Path, dataset: str) -> list[str]:
         ax.legend()
         fig.tight_layout()
         path = out_path.with_name(f"{out_path.stem}_{fname}.png")
-        atomic_write(path, lambda tmp, fig=fig: fig.savefig(tmp, format="png"))
-        plt.close(fig)
+        save_png(fig, path)
         written.append(str(path))
     return written

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
-from .app import cli, console, err_console, handle_errors
+from .app import cli, console, err_console
 from .options import TEXT, FiniteFloat, only_with, trust_options
 
 
@@ -31,7 +31,6 @@ from .options import TEXT, FiniteFloat, only_with, trust_options
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @trust_options
-@handle_errors
 def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
            calib_batches, calib_method, min_agreement, verify_samples, report_path, source_file, trust_source):
     """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
@@ -114,7 +113,6 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
 @click.option("--data", "data_name", default=None, help="Also measure accuracy on this dataset's test split.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Write results as JSON.")
-@handle_errors
 def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out):
     """Benchmark ONNX MODELS on ONNX Runtime side by side: latency, throughput, accuracy, size."""
     from ..data import load_data

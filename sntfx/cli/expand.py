@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..blocks import get_style, style_names
 from ..errors import SntfxError
-from .app import cli, console, handle_errors
+from .app import cli, console
 from .console import fmt_int, print_pass_report
 from .options import TEXT, inputs_for, model_spec, only_with, trust_options
 
@@ -30,7 +30,6 @@ from .options import TEXT, inputs_for, model_spec, only_with, trust_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--passes", "pipeline", default=None, type=TEXT,
               help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
-@handle_errors
 def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline):
     """Trace MODEL and expand its conv/linear layers into SNT blocks.
 
@@ -99,7 +98,6 @@ def list_passes():
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--batchnorm", is_flag=True, help="Also fold the model's own BatchNorms into the layers before them.")
 @trust_options
-@handle_errors
 def fold(model_file, out, batchnorm, source_file, trust_source):
     """Fold every SNT block of SNT_MODEL back into its original layer, exactly."""
     from ..api import fold as do_fold
@@ -129,13 +127,13 @@ def fold(model_file, out, batchnorm, source_file, trust_source):
               help="Quantization-readiness report at BITS-bit weights (folded models).")
 @click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False))
-@handle_errors
 def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
     """Show the layers of FILE: expansion, parameters and MACs before/after folding.
 
     FILE is a saved sntfx model, or a model spec (model.py, torchvision:NAME, ...).
     """
     from ..serialization import load, read_recipe
+    from ..graph_utils import count_parameters
     from ..summary import layer_summary
     from ..workflow import is_model_file
 
@@ -164,7 +162,7 @@ def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
     for r in rows:
         table.add_row(r.path, r.kind, r.expansion or "-", fmt_int(r.params), fmt_int(r.params_folded),
                       fmt_int(r.macs), fmt_int(r.macs_folded))
-    total_params = sum(p.numel() for p in gm.parameters())
+    total_params = count_parameters(gm)
     folded_params = total_params - sum(r.params - r.params_folded for r in rows)
     macs = sum(r.macs or 0 for r in rows)
     macs_folded = sum(r.macs_folded or 0 for r in rows)

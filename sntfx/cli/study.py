@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
-from .app import cli, console, handle_errors
+from .app import cli, console
 from .console import StudyProgress, study_progress
 from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 
@@ -44,7 +44,6 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--report-only", is_flag=True, help="Redraw report.md and the plots from OUT/results.json.")
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
-@handle_errors
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
           ratio, limit_batches, eval_images, onnx, provider, device, config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
-from .app import cli, console, handle_errors
+from .app import cli, console
 from .console import TrainProgress, train_progress
 from .options import (
     FRACTION,
@@ -54,7 +54,6 @@ from .options import (
 @click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.", type=TEXT)
 @click.option("--entry", default=None, help="Factory name in model.py.", type=TEXT)
 @trust_options
-@handle_errors
 def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, adaptive, lr, weight_decay, batch_size,
           schedule, warmup_epochs, label_smoothing, seed, amp, no_online_fold, checkpoint_every, limit_batches,
           deterministic, sync_bn, workers, device, resume, kwargs, entry, source_file, trust_source):
@@ -116,7 +115,6 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
               help="JSON results; plots are written beside it as PNG.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @trust_options
-@handle_errors
 def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trace_samples, landscape, out, seed,
               source_file, trust_source):
     """Measure the sharpness of trained MODELS (folded first, so all share one architecture)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write
+from ..plotting import pyplot, save_png
 from .config import slug
 
 __all__ = ["write_report", "verdict", "short_verdict"]
@@ -238,20 +239,6 @@ def write_report(results: dict[str, Any], out: str | Path) -> Path:
 # -- plots --------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    _plt().close(fig)
-
-
 def _band(ax, xs, stats_list, label, **kw):
     import numpy as np
 
@@ -274,7 +261,7 @@ def _uncompressed(m: dict):
 
 
 def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict[str, Path]:
-    plt = _plt()
+    plt = pyplot()
     metrics = summary["metrics"]
     methods = _methods(summary)
     prefix = slug(model)
@@ -283,7 +270,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
     def emit(name: str, fig) -> None:
         fig.tight_layout()
         paths[name] = plot_dir / f"{prefix}-{name}.png"
-        _save(fig, paths[name])
+        save_png(fig, paths[name])
 
     # accuracy vs sparsity: unstructured and channel side by side
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)

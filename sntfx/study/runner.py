@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import SntfxError
+from ..graph_utils import count_parameters
 from ..io import atomic_write
 from .config import Method, StudyConfig, slug
 from .report import write_report
@@ -285,7 +286,7 @@ class Study:
         from ..tracing import compare_outputs
 
         gm = self._build(run)
-        expanded_params = sum(p.numel() for p in gm.parameters())
+        expanded_params = count_parameters(gm)
         data = self.data
         if hasattr(data.train, "seed"):
             data.train.seed = run.seed  # augmentation follows the run's seed, like the sampler
@@ -314,21 +315,23 @@ class Study:
                 "epoch_seconds_median": statistics.median(epoch_seconds),
                 "samples_per_s_median": statistics.median(r["samples_per_s"] for r in result.history),
                 "final_test_accuracy": result.history[-1].get("test_accuracy"),
-                "params_trained": expanded_params, "params_deployed": sum(p.numel() for p in gm.parameters()),
+                "params_trained": expanded_params, "params_deployed": count_parameters(gm),
                 "fold": fold}
 
     def _load(self, run: Run):
         from ..models import ModelSpec
-        from ..serialization import load, read_recipe
+        from ..serialization import load
         from ..workflow import is_model_file
 
-        # The study's own command names run.model; a stored file that rebuilds from that same source is trusted,
-        # any other source goes through sntfx.load's usual trust rule.
-        path = run.path / "model.pt"
-        stored = ModelSpec.from_dict(read_recipe(path)["source"])
-        named = ModelSpec.parse(run.model) if not is_model_file(run.model) else None
-        same = named is not None and (stored.kind, stored.name, stored.entry) == (named.kind, named.name, named.entry)
-        gm = load(path, trust_source=same or self.trust_source)
+        # The study's own command names run.model: a stored file that rebuilds from that same source is trusted;
+        # any other source goes through sntfx.load's usual trust rule (signed here, or --trust-source).
+        named = None if is_model_file(run.model) else ModelSpec.parse(run.model)
+
+        def named_by_command(stored: ModelSpec) -> bool:
+            return self.trust_source or named is not None and (stored.kind, stored.name, stored.entry) == (
+                named.kind, named.name, named.entry)
+
+        gm = load(run.path / "model.pt", trust_source=named_by_command)
         gm.eval()
         return gm
 
