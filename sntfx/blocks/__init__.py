@@ -12,7 +12,9 @@ too, for every padding mode (zeros, reflect, replicate, circular) and for
 ``padding="same"``.
 
 Styles (each registers itself in :mod:`sntfx.blocks.registry`; ``style_names()``
-lists them, ``get_style(name)`` tells what each declares):
+lists them, ``get_style(name)`` tells what each declares). Every module of
+this package is imported with it, so a new style is one new module here. The
+built-ins:
 
 * :class:`LinearExpansion` (``linear``): ``1x1 (C_in -> r C_in)``, ``k x k (r C_in -> r C_out)``,
   ``1x1 (r C_out -> C_out)``, grouped like the original, no nonlinearity.
@@ -43,9 +45,22 @@ from __future__ import annotations
 from .base import LAYER_CLASSES, LAYER_TYPES, LayerConfig, SNTBlock, layer_kind, layer_macs
 from .registry import OPTIONS, StyleInfo, get_style, make_block, register_style, style_names
 
-# The built-in styles register themselves on import.
+# The built-in styles register themselves on import: these first, in this order (the order of the choices
+# everywhere), then every other module of this package, so a new style is one file here and nothing else.
 from .linear import LinearExpansion  # noqa: E402  (registers "linear")
 from .branch import BranchBlock, BranchNorm  # noqa: E402  (registers "branch", "qa-branch")
+
+
+def _import_style_modules() -> None:
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_") and info.name not in ("base", "registry"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_style_modules()
 
 STYLES = style_names()  # the built-in styles; code that must see styles registered later calls style_names()
 

@@ -139,6 +139,43 @@ class LayerConfig:
         return layer
 
 
+# -- kernels shared by the multi-branch styles ---------------------------------------
+
+
+def delta_kernel(config: LayerConfig, scale: torch.Tensor) -> torch.Tensor:
+    """The identity as a kernel of ``config``'s shape, scaled per output channel (differentiable in ``scale``).
+
+    Output channel ``o`` reads input channel ``o`` (within its group) on the
+    kernel's centre tap; a Linear gets ``diag(scale)``. Needs ``in == out``.
+    """
+    w = torch.zeros(config.weight_shape(), dtype=scale.dtype, device=scale.device)
+    idx = torch.arange(config.out_features, device=scale.device)
+    if config.is_conv:
+        per_group = config.in_features // config.groups
+        taps = [torch.full_like(idx, t) for t in config.center]
+        return w.index_put((idx, idx % per_group, *taps), scale)
+    return w.index_put((idx, idx), scale)
+
+
+def place_centre(config: LayerConfig, w1: torch.Tensor) -> torch.Tensor:
+    """A 1x1 kernel (or a Linear weight) placed on the centre tap of ``config``'s kernel (differentiable)."""
+    if not config.is_conv:
+        return w1
+    pads: list[int] = []
+    for k, c in zip(reversed(config.kernel), reversed(config.center)):
+        pads += [c, k - 1 - c]
+    return F.pad(w1.reshape(w1.shape[0], w1.shape[1], *([1] * config.ndim)), pads)
+
+
+def centre_crop(config: LayerConfig, xp: torch.Tensor) -> torch.Tensor:
+    """The part of the padded input ``xp`` that the kernel's centre tap sees (the input of a 1x1 branch)."""
+    for i in range(config.ndim):
+        dim = xp.dim() - config.ndim + i
+        span = xp.shape[dim] - config.dilation[i] * (config.kernel[i] - 1)
+        xp = xp.narrow(dim, config.center[i] * config.dilation[i], span)
+    return xp
+
+
 def _uniform_(t: torch.Tensor, fan_in: int, gen: torch.Generator) -> torch.Tensor:
     """PyTorch's default conv/linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(max(fan_in, 1))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_
+from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel, place_centre
 from .registry import register_style
 
 __all__ = ["BranchBlock", "BranchNorm"]
@@ -159,7 +159,7 @@ class BranchBlock(SNTBlock):
         c = self.config
         w0 = layer.weight.detach().clone()
         if self.qa and self.has_identity:
-            w0 -= self._delta_kernel(torch.ones(c.out_features, dtype=torch.float64)).to(w0)
+            w0 -= delta_kernel(c, torch.ones(c.out_features, dtype=torch.float64)).to(w0)
         with torch.no_grad():
             self.main.weight.copy_(w0)
             for conv in (self.aux, self.avg_proj):
@@ -174,27 +174,6 @@ class BranchBlock(SNTBlock):
             if self.identity_norm is not None:
                 self.identity_norm.weight.zero_()
 
-    def _delta_kernel(self, scale: torch.Tensor) -> torch.Tensor:
-        """``scale[o]`` on the centre tap of input channel ``o`` (within its group)."""
-        c = self.config
-        w = torch.zeros(c.weight_shape(), dtype=torch.float64)
-        per_group = c.in_features // c.groups
-        idx = torch.arange(c.out_features)
-        if c.is_conv:
-            w[(idx, idx % per_group, *[torch.full_like(idx, t) for t in c.center])] = scale
-        else:
-            w[idx, idx] = scale
-        return w
-
-    def _place_1x1(self, w1: torch.Tensor) -> torch.Tensor:
-        """A 1x1 kernel (or Linear weight) placed on the centre tap of the layer's kernel."""
-        c = self.config
-        if not c.is_conv:
-            return w1
-        w = torch.zeros(c.weight_shape(), dtype=torch.float64)
-        w[(slice(None), slice(None), *c.center)] = w1.reshape(w1.shape[0], w1.shape[1])
-        return w
-
     def folded_weight_bias(self):
         c = self.config
         dev = self.main.weight.device
@@ -205,7 +184,7 @@ class BranchBlock(SNTBlock):
         w += s[bc] * self.main.weight.double()
         b += t
         if self.aux is not None:
-            w1 = self._place_1x1(self.aux.weight.double().cpu()).to(dev)
+            w1 = place_centre(c, self.aux.weight.double().cpu()).to(dev)
             if self.aux_norm is not None:
                 s, t = self.aux_norm.affine()
                 w += s[bc] * w1
@@ -223,10 +202,10 @@ class BranchBlock(SNTBlock):
         if self.has_identity:
             if self.identity_norm is not None:
                 s, t = self.identity_norm.affine()
-                w += self._delta_kernel(s.cpu()).to(dev)
+                w += delta_kernel(c, s.cpu()).to(dev)
                 b += t
             else:
-                w += self._delta_kernel(torch.ones(c.out_features, dtype=torch.float64)).to(dev)
+                w += delta_kernel(c, torch.ones(c.out_features, dtype=torch.float64)).to(dev)
         if self.post_norm is not None:
             s, t = self.post_norm.affine()
             w = s[bc] * w
@@ -235,20 +214,11 @@ class BranchBlock(SNTBlock):
             return w, None  # every shift is zero: scale-only norms
         return w, b
 
-    def _crop(self, xp: torch.Tensor) -> torch.Tensor:
-        """The padded input seen by the kernel's centre tap."""
-        c = self.config
-        for i in range(c.ndim):
-            dim = xp.dim() - c.ndim + i
-            span = xp.shape[dim] - c.dilation[i] * (c.kernel[i] - 1)
-            xp = xp.narrow(dim, c.center[i] * c.dilation[i], span)
-        return xp
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
         xp = c.pad(x) if c.is_conv else x
         y = self.main_norm(self.main(xp))
-        xc = self._crop(xp) if c.is_conv else x
+        xc = centre_crop(c, xp) if c.is_conv else x
         if self.aux is not None:
             a = self.aux(xc)
             y = y + (self.aux_norm(a) if self.aux_norm is not None else a)
