@@ -1,5 +1,9 @@
 """Passes shipped with sntfx; importing this package registers them by name.
 
+Every module of this package is imported with it, so a new pass is one file
+here (a :class:`~sntfx.pass_base.Pass` subclass decorated with
+``@register_pass``) and its test. The built-ins:
+
 ========== ======================== ==========================================
 name       class                    what it does
 ========== ======================== ==========================================
@@ -22,6 +26,20 @@ from .quantize_sim import SimulatedQuantize
 from .shape_prop import ShapePropagation
 from .snt_expand import SNTExpand
 from .snt_fold import SNTFold
+
+
+
+def _import_pass_modules() -> None:
+    """Import every other module of this package: a new pass is one file here, registered by its decorator."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_pass_modules()
 
 __all__ = ["SNTExpand", "SNTFold", "FoldBatchNorm", "ShapePropagation", "MagnitudePrune", "NMPrune",
            "SimulatedQuantize", "StructuredPrune"]

@@ -85,13 +85,14 @@ def transform(
 
         snt = sntfx.transform(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224), style="linear", ratio=4)
     """
-    from sntfx.passes import SNTExpand
+    from .pipelines import canonical_passes
 
     given = isinstance(model, fx.GraphModule) and "sntfx" in model.meta
     gm = model if given else trace(model, example_inputs)
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
-    expand = SNTExpand(style=style, ratio=ratio, policy=policy, preserve=preserve, online=online, seed=seed)
-    result = PassManager([expand], check=check).run(gm, PassContext(example_inputs=inputs, seed=seed),
+    passes = canonical_passes("before-training", snt=dict(style=style, ratio=ratio, policy=policy, preserve=preserve,
+                                                          online=online, seed=seed))
+    result = PassManager(passes, check=check).run(gm, PassContext(example_inputs=inputs, seed=seed),
                                                     inplace=inplace or not given)
     return (result.graph_module, result) if report else result.graph_module
 
@@ -111,17 +112,18 @@ def fold(
         model: a GraphModule holding SNT blocks (e.g. from :func:`transform`).
         example_inputs: inputs on which each block's fold error is measured
             (default: random inputs of the recorded shapes).
-        batchnorm: also fold the model's own BatchNorms into the layers before them.
+        batchnorm: also fold the model's own BatchNorms into the layers before them
+            (the canonical ``deployment`` pipeline instead of ``after-training``).
         check: verify the whole model's outputs are unchanged (raises if not).
         report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
         inplace: fold ``model`` itself instead of a copy (saves memory).
     """
-    from sntfx.passes import FoldBatchNorm, SNTFold
+    from .pipelines import canonical_passes
 
     if not isinstance(model, fx.GraphModule):
         raise TypeError("sntfx.fold expects a GraphModule from sntfx.transform or sntfx.load")
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(model)
-    passes = [SNTFold()] + ([FoldBatchNorm()] if batchnorm else [])
+    passes = canonical_passes("deployment" if batchnorm else "after-training")
     result = PassManager(passes, check=check).run(model, PassContext(example_inputs=inputs), inplace=inplace)
     return (result.graph_module, result) if report else result.graph_module
 

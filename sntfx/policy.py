@@ -33,6 +33,7 @@ from typing import Any
 
 from .blocks import LAYER_TYPES, style_names
 from .errors import PolicyError
+from .pipelines import DEFAULT_RATIO, DEFAULT_STYLE
 
 __all__ = ["Policy", "Rule", "Decision", "LAYER_TYPES"]
 
@@ -74,8 +75,8 @@ class Policy:
         rules: per-layer overrides, first match wins.
     """
 
-    style: str = "qa-branch"
-    ratio: int = 4
+    style: str = DEFAULT_STYLE
+    ratio: int = DEFAULT_RATIO
     types: tuple[str, ...] = LAYER_TYPES
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()

@@ -287,3 +287,34 @@ def test_testing_helpers_check_equivalence_and_catch_a_lying_pass():
 
     with pytest.raises(sntfx.EquivalenceError, match="test_liar"):
         assert_equivalent(Liar(), gm, (x,))
+
+
+def test_every_module_in_the_passes_package_registers_its_pass():
+    """A pass is one file under passes/: the package imports it, so its registered name is usable everywhere."""
+    import pkgutil
+
+    import sntfx.passes
+    from sntfx.pass_base import registered_passes
+
+    modules = {m.name for m in pkgutil.iter_modules(sntfx.passes.__path__) if not m.name.startswith("_")}
+    registered = {cls.__module__.rsplit(".", 1)[-1] for cls in registered_passes().values()}
+    assert modules and modules <= registered
+
+
+def test_the_api_runs_the_canonical_pipelines():
+    """sntfx.transform and sntfx.fold run what sntfx.pipelines says, with the arguments they were given."""
+    from sntfx.pipelines import CANONICAL, DEFAULT_STYLE, canonical_passes
+
+    x = torch.randn(2, 3, 16, 16)
+    snt, report = sntfx.transform(ConvNet(), x, preserve=True, report=True)
+    assert [p.name for p in report.passes] == CANONICAL["before-training"].split(",")
+    assert {m.style for m in snt.modules() if isinstance(m, sntfx.blocks.SNTBlock)} == {DEFAULT_STYLE}
+    for batchnorm, stage in ((False, "after-training"), (True, "deployment")):
+        _, report = sntfx.fold(snt, x, batchnorm=batchnorm, report=True)
+        assert [p.name for p in report.passes] == CANONICAL[stage].split(",")
+    (expand,) = canonical_passes("before-training", snt={"style": "linear", "ratio": 2})
+    assert (expand.policy.style, expand.policy.ratio) == ("linear", 2)
+    with pytest.raises(ValueError, match="no pass named fold"):
+        canonical_passes("before-training", fold={})
+    with pytest.raises(ValueError, match="unknown pipeline stage"):
+        canonical_passes("training")

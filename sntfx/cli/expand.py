@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..blocks import get_style, style_names
 from ..errors import SntfxError
+from ..pipelines import DEFAULT_RATIO, DEFAULT_STYLE
 from .app import cli, console
 from .console import fmt_int, print_pass_report
 from .options import TEXT, inputs_for, model_spec, only_with, trust_options
@@ -18,10 +19,10 @@ from .options import TEXT, inputs_for, model_spec, only_with, trust_options
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--style", type=click.Choice(style_names()), default=None,
-              help="Expansion style [qa-branch]: " + "; ".join(f"{n}: {get_style(n).label}, "
+              help=f"Expansion style [{DEFAULT_STYLE}]: " + "; ".join(f"{n}: {get_style(n).label}, "
                                                                f"{'trains online' if get_style(n).trains_online else 'trains in explicit form'}"
                                                                for n in style_names()) + ".")
-@click.option("--ratio", type=click.IntRange(min=1), default=None, help="Expansion ratio for 'linear' [4].")
+@click.option("--ratio", type=click.IntRange(min=1), default=None, help=f"Expansion ratio for styles that take one [{DEFAULT_RATIO}].")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.", type=TEXT)
 @click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).", type=TEXT)
 @click.option("--kwargs", default=None, help="JSON object of constructor arguments.", type=TEXT)
@@ -42,8 +43,8 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     from ..tracing import sntfx_meta
 
     out_path = check_output_path(out, inputs_for(model) + ([policy] if policy else []))
-    if ratio is not None and not policy and "ratio" not in get_style(style or "qa-branch").options:
-        raise SntfxError(f"--ratio sets an expansion ratio; the '{style or 'qa-branch'}' style has none, so it "
+    if ratio is not None and not policy and "ratio" not in get_style(style or DEFAULT_STYLE).options:
+        raise SntfxError(f"--ratio sets an expansion ratio; the '{style or DEFAULT_STYLE}' style has none, so it "
                          "would be ignored: choose a style with a ratio (e.g. --style linear) or drop --ratio")
     spec = model_spec(model, entry, kwargs)
     inputs = spec.example_inputs(parse_input_shape(input_shape) if input_shape else None)

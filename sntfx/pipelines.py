@@ -1,0 +1,49 @@
+"""The canonical SNT pipeline, written once as data.
+
+What runs at each point of a model's life, as pipeline strings in the
+``--passes`` grammar (``name(key=value,...),name2``). :func:`sntfx.transform`,
+:func:`sntfx.fold`, the CLI (``transform``, ``fold``, the default ``--style``)
+and the study all read these, so changing the default style or what
+deployment folds is one edit here.
+
+================  ==========================  =================================================
+stage             pipeline                    what it does
+================  ==========================  =================================================
+before-training   ``snt``                     expand every eligible layer (:data:`DEFAULT_STYLE`)
+after-training    ``fold``                    fold every SNT block back into its layer, exactly
+deployment        ``fold,fold_bn``            also fold the model's own BatchNorms into layers
+================  ==========================  =================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["DEFAULT_STYLE", "DEFAULT_RATIO", "CANONICAL", "canonical_passes"]
+
+#: The expansion style used when none is named (``sntfx transform``, the policy, ``sntfx.transform``).
+DEFAULT_STYLE = "qa-branch"
+#: The expansion ratio of styles that take one, when none is named.
+DEFAULT_RATIO = 4
+
+CANONICAL: dict[str, str] = {
+    "before-training": "snt",
+    "after-training": "fold",
+    "deployment": "fold,fold_bn",
+}
+
+
+def canonical_passes(stage: str, **params: dict[str, Any]) -> list:
+    """The passes of ``stage`` (a key of :data:`CANONICAL`); ``params[name]`` sets that pass's arguments.
+
+    Example: ``canonical_passes("before-training", snt={"style": "linear", "preserve": True})``.
+    """
+    from .pass_base import get_pass_class
+
+    if stage not in CANONICAL:
+        raise ValueError(f"unknown pipeline stage '{stage}'; choose one of {', '.join(CANONICAL)}")
+    names = CANONICAL[stage].split(",")
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise ValueError(f"the '{stage}' pipeline ({CANONICAL[stage]}) has no pass named {', '.join(unknown)}")
+    return [get_pass_class(name)(**params.get(name, {})) for name in names]
