@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sntfx.blocks import SNTBlock
+from sntfx.blocks import is_expanded
 from sntfx.errors import DiskFullError, SntfxError
 from sntfx.graph_utils import mode
 from sntfx.io import is_disk_full
@@ -215,7 +215,7 @@ def export_onnx(
     import onnx
 
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    if not allow_expanded and any(isinstance(m, SNTBlock) for m in model.modules()):
+    if not allow_expanded and is_expanded(model):
         raise ExportError(
             "the model still holds SNT blocks (its expanded training form); deploying it defeats the purpose. "
             "Fold it first (`sntfx fold` / sntfx.fold), or pass --allow-expanded to export it anyway."

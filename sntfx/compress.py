@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.utils.data import DataLoader
 
-from .blocks import SNTBlock
+from .blocks import is_expanded
 from .graph_utils import count_parameters
 from .data import Data, fixed_batches
 from .errors import SntfxError
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def ensure_folded(gm: fx.GraphModule, what: str = "the model") -> None:
-    if any(isinstance(m, SNTBlock) for m in gm.modules()):
+    if is_expanded(gm):
         raise SntfxError(f"{what} is still in its expanded SNT form: fold it first (`sntfx fold MODEL --out FOLDED`); "
                          "compressing the expanded model would not carry over to the deployed one")
 

@@ -56,13 +56,13 @@ _PROCESS_INSTRUMENTS: list = []
 
 def graph_properties(gm: fx.GraphModule) -> set[Property]:
     """The properties ``gm`` has now, derived from the graph itself."""
-    from .blocks import SNTBlock  # local: blocks import nothing from here
+    from .blocks import is_expanded  # local: blocks import nothing from here
 
     props: set[Property] = set()
     nodes = [n for n in gm.graph.nodes if n.op not in ("output",)]
     if nodes and all("tensor_meta" in n.meta for n in nodes if n.op != "get_attr"):
         props.add(Property.SHAPES)
-    if any(isinstance(m, SNTBlock) for m in gm.modules()):
+    if is_expanded(gm):
         props.add(Property.EXPANDED)
     else:
         props.add(Property.FOLDED)

@@ -42,7 +42,7 @@ yields no bias at all.
 
 from __future__ import annotations
 
-from .base import LAYER_CLASSES, LAYER_TYPES, LayerConfig, SNTBlock, layer_kind, layer_macs
+from .base import LAYER_CLASSES, LAYER_TYPES, LayerConfig, SNTBlock, is_expanded, layer_kind, layer_macs
 from .registry import OPTIONS, StyleInfo, get_style, make_block, register_style, style_names
 
 # The built-in styles register themselves on import: these first, in this order (the order of the choices
@@ -69,6 +69,7 @@ __all__ = [
     "LAYER_CLASSES",
     "LAYER_TYPES",
     "layer_kind",
+    "is_expanded",
     "SNTBlock",
     "LinearExpansion",
     "BranchBlock",

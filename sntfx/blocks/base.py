@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-__all__ = ["LayerConfig", "SNTBlock", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES"]
+__all__ = ["LayerConfig", "SNTBlock", "is_expanded", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -274,6 +274,11 @@ class SNTBlock(nn.Module):
         c = self.config
         shape = f"{c.in_features}->{c.out_features}" + (f", k={c.kernel}" if c.is_conv else "")
         return f"style={self.style}, {c.kind} {shape}"
+
+
+def is_expanded(model: nn.Module) -> bool:
+    """Whether ``model`` holds SNT blocks (it was transformed and not yet folded)."""
+    return any(isinstance(m, SNTBlock) for m in model.modules())
 
 
 def layer_macs(config: LayerConfig, out_shape: tuple[int, ...]) -> int:

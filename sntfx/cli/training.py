@@ -120,7 +120,7 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
     """Measure the sharpness of trained MODELS (folded first, so all share one architecture)."""
     from .. import sharpness as sh
     from ..api import fold as do_fold
-    from ..blocks import SNTBlock
+    from ..blocks import is_expanded
     from ..data import fixed_batches, load_data
     from ..io import atomic_write, check_output_path
     from ..serialization import load
@@ -130,7 +130,7 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
     loaded = {}
     for name, path in zip(unique_names(models), models):  # every file is checked before any measuring starts
         gm = load(path, model_file=source_file, trust_source=trust_source)
-        if any(isinstance(m, SNTBlock) for m in gm.modules()):
+        if is_expanded(gm):
             gm = do_fold(gm, inplace=True)
         loaded[name] = gm
     data = load_data(data_name, data_dir=data_dir, seed=seed)
