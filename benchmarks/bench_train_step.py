@@ -51,11 +51,14 @@ MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU bat
 }
 
 
-def variant_names() -> list[str]:
+def variant_names(styles: list[str] | None = None, explicit: bool = True) -> list[str]:
+    """Adam, SAM, and each style (all registered ones by default) explicit and, where it trains online, online."""
     names = ["adam", "sam"]
-    for style in style_names():
-        names.append(f"snt {style} explicit")
-        if get_style(style).trains_online:
+    for style in styles or style_names():
+        online = get_style(style).trains_online
+        if explicit or not online:
+            names.append(f"snt {style} explicit")
+        if online:
             names.append(f"snt {style} online")
     return names
 
@@ -165,6 +168,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--batch", type=int, default=None, help="override every model's batch size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--styles", default=None, help=f"comma-separated SNT styles (default: all of {', '.join(style_names())})")
+    parser.add_argument("--online-only", action="store_true",
+                        help="skip the explicit form of styles that train online (it is not what training runs)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default="bench-results/train_step.json")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
@@ -177,7 +183,11 @@ def main() -> None:
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    variants = variant_names()
+    styles = [s.strip() for s in args.styles.split(",") if s.strip()] if args.styles else None
+    bad = sorted(set(styles or ()) - set(style_names()))
+    if bad:
+        parser.error(f"unknown style(s) {bad}; choose from {', '.join(style_names())}")
+    variants = variant_names(styles, explicit=not args.online_only)
     print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} "
           f"interleaved rounds x {args.steps} steps", flush=True)
     results = {}

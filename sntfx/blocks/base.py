@@ -104,6 +104,19 @@ class LayerConfig:
         """The layer's convolution on an already padded input."""
         return _CONV_FN[self.ndim](x, w, b, self.stride, 0, self.dilation, self.groups)
 
+    def apply(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """What the original layer computes on ``x`` with weight ``w`` and bias ``b`` (a composed kernel).
+
+        Zero padding is left to the convolution itself, as ``nn.Conv2d`` does
+        (padding a copy of the activation first costs a copy and its backward
+        every step); other padding modes pad first.
+        """
+        if not self.is_conv:
+            return F.linear(x, w, b)
+        if self.padding_mode == "zeros":
+            return _CONV_FN[self.ndim](x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return self.conv(self.pad(x), w, b)
+
     def weight_shape(self) -> tuple[int, ...]:
         if not self.is_conv:
             return (self.out_features, self.in_features)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel, place_centre
@@ -100,10 +99,7 @@ class LinearizedBranchBlock(SNTBlock):
 
     def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
         """One convolution (or matmul) with the composed kernel."""
-        c = self.config
-        if not c.is_conv:
-            return F.linear(x, self.composed_weight(), self.bias)
-        return c.conv(c.pad(x), self.composed_weight(), self.bias)
+        return self.config.apply(x, self.composed_weight(), self.bias)
 
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one (the reference the composed form is tested against)."""

@@ -17,7 +17,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerConfig, SNTBlock, _normal_, _semi_orthogonal, _span, _sub_conv, _uniform_
@@ -168,11 +167,8 @@ class LinearExpansion(SNTBlock):
 
     def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
         """Compose the kernel and run one layer (what ``online`` does where it pays)."""
-        c = self.config
         w, b = self.effective_weight_bias()
-        if not c.is_conv:
-            return F.linear(x, w, b)
-        return c.conv(c.pad(x), w, b)
+        return self.config.apply(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
