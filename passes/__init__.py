@@ -13,6 +13,7 @@ fold_bn    :class:`FoldBatchNorm`   fold the model's own BatchNorms into layers
 shapes     :class:`ShapePropagation` record tensor shapes in ``node.meta``
 prune      :class:`MagnitudePrune`  unstructured magnitude pruning
 prune_nm   :class:`NMPrune`         N:M semi-structured pruning
+prune_wanda :class:`WandaPrune`     activation-aware pruning (Wanda), unstructured or N:M
 prune_channels :class:`StructuredPrune` channel pruning (torch-pruning)
 quantize   :class:`SimulatedQuantize` simulated low-bit weights/activations
 ========== ======================== ==========================================
@@ -21,6 +22,7 @@ quantize   :class:`SimulatedQuantize` simulated low-bit weights/activations
 from .bn_fold import FoldBatchNorm
 from .prune_magnitude import MagnitudePrune
 from .prune_nm import NMPrune
+from .prune_wanda import WandaPrune
 from .prune_structured import StructuredPrune
 from .quantize_sim import SimulatedQuantize
 from .shape_prop import ShapePropagation
@@ -42,4 +44,4 @@ def _import_pass_modules() -> None:
 _import_pass_modules()
 
 __all__ = ["SNTExpand", "SNTFold", "FoldBatchNorm", "ShapePropagation", "MagnitudePrune", "NMPrune",
-           "SimulatedQuantize", "StructuredPrune"]
+           "SimulatedQuantize", "StructuredPrune", "WandaPrune"]

@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import check_fraction, prunable_layers
+from sntfx.compress_utils import CALIBRATION, check_fraction, prunable_layers, reestimate_batchnorm
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["MagnitudePrune"]
@@ -31,17 +31,19 @@ class MagnitudePrune(Pass):
         sparsity: fraction of zeros in [0, 1).
         scope: ``global`` (one threshold for all layers) or ``layer``.
         exclude_first / exclude_last: keep the first / last layer dense.
+        recalibrate_bn: re-estimate BatchNorm statistics on ``ctx.calibration`` afterwards.
     """
 
     name = "prune"
     requires = frozenset({Property.FOLDED})
 
     def __init__(self, sparsity: float = 0.5, scope: str = "global", exclude_first: bool = False,
-                 exclude_last: bool = False):
+                 exclude_last: bool = False, recalibrate_bn: bool = False):
         self.sparsity = check_fraction(sparsity, "sparsity")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         self.scope, self.exclude_first, self.exclude_last = scope, bool(exclude_first), bool(exclude_last)
+        self.recalibrate_bn = bool(recalibrate_bn)
 
     @property
     def numerics(self) -> Numerics:
@@ -49,7 +51,10 @@ class MagnitudePrune(Pass):
 
     def params(self):
         return {"sparsity": self.sparsity, "scope": self.scope, "exclude_first": self.exclude_first,
-                "exclude_last": self.exclude_last}
+                "exclude_last": self.exclude_last, "recalibrate_bn": self.recalibrate_bn}
+
+    def check(self, ctx: PassContext) -> str | None:
+        return CALIBRATION if self.recalibrate_bn and not ctx.calibration else None
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
@@ -65,6 +70,8 @@ class MagnitudePrune(Pass):
         total = sum(m.weight.numel() for _, m in layers)
         zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
         stats["layers"] = len(layers)
+        if self.recalibrate_bn:
+            stats["batchnorms re-estimated"] = reestimate_batchnorm(gm, ctx.calibration)
         info = {"sparsity": zeros / total, "layers": {n: float((m.weight == 0).float().mean()) for n, m in layers}}
         return PassResult(gm, stats["zeroed"] > 0, stats, info)
 

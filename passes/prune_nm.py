@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import prunable_layers
+from sntfx.compress_utils import CALIBRATION, nm_mask, prunable_layers, reestimate_batchnorm
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["NMPrune", "nm_groups"]
@@ -36,11 +36,13 @@ class NMPrune(Pass):
     name = "prune_nm"
     requires = frozenset({Property.FOLDED})
 
-    def __init__(self, n: int = 2, m: int = 4, exclude_first: bool = False, exclude_last: bool = False):
+    def __init__(self, n: int = 2, m: int = 4, exclude_first: bool = False, exclude_last: bool = False,
+                 recalibrate_bn: bool = False):
         if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 2 or n >= m:
             raise ValueError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
         self.n, self.m = n, m
         self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
+        self.recalibrate_bn = bool(recalibrate_bn)
 
     @staticmethod
     def parse_pattern(text: str) -> tuple[int, int]:
@@ -58,7 +60,11 @@ class NMPrune(Pass):
         return Numerics.CHANGES
 
     def params(self):
-        return {"n": self.n, "m": self.m, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last}
+        return {"n": self.n, "m": self.m, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last,
+                "recalibrate_bn": self.recalibrate_bn}
+
+    def check(self, ctx: PassContext) -> str | None:
+        return CALIBRATION if self.recalibrate_bn and not ctx.calibration else None
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
@@ -68,15 +74,10 @@ class NMPrune(Pass):
                 stats[f"skip: in-channels not divisible by {self.m}"] += 1
                 continue
             with torch.no_grad():
-                groups = nm_groups(layer.weight, self.m)
-                drop = torch.topk(groups.abs(), self.m - self.n, dim=1, largest=False).indices
-                mask = torch.ones_like(groups, dtype=torch.bool).scatter_(1, drop, False)
-                shaped = mask.reshape(*(layer.weight.shape[:1] + layer.weight.shape[2:]), in_per_group) \
-                    if layer.weight.dim() > 2 else mask.reshape(layer.weight.shape)
-                if layer.weight.dim() > 2:
-                    shaped = shaped.movedim(-1, 1)
-                layer.weight.mul_(shaped.to(layer.weight.dtype))
+                layer.weight.mul_(nm_mask(layer.weight.abs(), self.n, self.m).to(layer.weight.dtype))
             stats["pruned layers"] += 1
+        if self.recalibrate_bn:
+            stats["batchnorms re-estimated"] = reestimate_batchnorm(gm, ctx.calibration)
         return PassResult(gm, stats["pruned layers"] > 0, stats)
 
     def replay(self, gm, ctx: PassContext) -> PassResult:

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from sntfx.compress_utils import check_fraction, prunable_layers
+from sntfx.compress_utils import CALIBRATION, check_fraction, prunable_layers, reestimate_batchnorm
 from sntfx.errors import SntfxError
 from sntfx.graph_utils import count_parameters
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
@@ -55,7 +55,8 @@ class StructuredPrune(Pass):
     needs_eval = True
 
     def __init__(self, sparsity: float = 0.3, importance: str = "magnitude", round_to: int | None = None,
-                 global_pruning: bool = False, exclude_first: bool = False, shapes: dict | None = None):
+                 global_pruning: bool = False, exclude_first: bool = False, shapes: dict | None = None,
+                 recalibrate_bn: bool = False):
         self.sparsity = check_fraction(sparsity, "channel sparsity")
         if importance not in IMPORTANCES:
             raise ValueError(f"unknown importance '{importance}'; use {', '.join(IMPORTANCES)}")
@@ -63,6 +64,7 @@ class StructuredPrune(Pass):
             raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
         self.importance, self.round_to, self.global_pruning = importance, round_to, bool(global_pruning)
         self.exclude_first, self.shapes = bool(exclude_first), shapes
+        self.recalibrate_bn = bool(recalibrate_bn)
 
     @property
     def numerics(self) -> Numerics:
@@ -70,13 +72,16 @@ class StructuredPrune(Pass):
 
     def params(self):
         return {"sparsity": self.sparsity, "importance": self.importance, "round_to": self.round_to,
-                "global_pruning": self.global_pruning, "exclude_first": self.exclude_first, "shapes": self.shapes}
+                "global_pruning": self.global_pruning, "exclude_first": self.exclude_first, "shapes": self.shapes,
+                "recalibrate_bn": self.recalibrate_bn}
 
     def check(self, ctx: PassContext) -> str | None:
         if not ctx.example_inputs:
             return "example inputs (PassContext(example_inputs=(x,)), or --data on the command line)"
         if self.importance == "taylor" and not ctx.calibration_labeled:
             return "labelled batches for Taylor importance (PassContext(calibration_labeled=[(x, y)]), or --data)"
+        if self.recalibrate_bn and not ctx.calibration:
+            return CALIBRATION
         return None
 
     def check_replay(self, ctx: PassContext) -> str | None:
@@ -92,7 +97,10 @@ class StructuredPrune(Pass):
         before = count_parameters(gm)
         self._prune(gm, tuple(ctx.example_inputs), ctx, tp)
         self.shapes = {k: list(v.shape) for k, v in gm.state_dict().items()}
-        return self._result(gm, ctx, before, modified=None)
+        result = self._result(gm, ctx, before, modified=None)
+        if self.recalibrate_bn:
+            result.stats["batchnorms re-estimated"] = reestimate_batchnorm(gm, ctx.calibration)
+        return result
 
     def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Prune to the recorded shapes (which channels survived does not matter: the weights are loaded next)."""

@@ -1,8 +1,15 @@
-"""Helpers shared by the compression passes: which layers, in graph order."""
+"""Helpers shared by the compression passes.
+
+Which layers (in graph order), exact keep-masks (top-k per row or tensor,
+N:M), the activation-aware input norms behind the Wanda score, and
+BatchNorm re-estimation after pruning.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks.base import LAYER_CLASSES, LAYER_TYPES
@@ -29,7 +36,131 @@ def prunable_layers(gm: fx.GraphModule, *, exclude_first: bool = False, exclude_
     return [(name, gm.get_submodule(name)) for name in seen]
 
 
+#: What a pass that calibrates asks for when the context has no calibration data.
+CALIBRATION = "calibration data (PassContext(calibration=[batch, ...]), or --data NAME on the command line)"
+
+
 def check_fraction(value: float, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
         raise ValueError(f"{what} must be in [0, 1), got {value!r}")
     return float(value)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask (weight-shaped, bool) holding the ``n`` highest ``scores`` in every ``m`` consecutive input weights.
+
+    Groups run along the input-channel dimension (dim 1 of a weight), for
+    each output channel and kernel tap: the layout sparse tensor cores use.
+    Ties are broken by position. The input channels per group must be a
+    multiple of ``m``.
+    """
+    s = scores.detach()
+    moved = s.movedim(1, -1) if s.dim() > 2 else s  # (out, *k, in)
+    groups = moved.reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+    keep.scatter_(1, order, True)
+    keep = keep.reshape(moved.shape)
+    return keep.movedim(-1, 1) if s.dim() > 2 else keep
+
+
+def keep_top(scores: torch.Tensor, sparsity: float, *, per_row: bool) -> torch.Tensor:
+    """Keep-mask zeroing exactly ``round(sparsity * n)`` lowest ``scores`` (per output row, or over the tensor).
+
+    Ties are broken by position (a stable sort), so the count is exact.
+    """
+    flat = scores.detach().reshape(scores.shape[0], -1) if per_row else scores.detach().reshape(1, -1)
+    k = int(round(sparsity * flat.shape[1]))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        drop = torch.sort(flat, dim=1, stable=True).indices[:, :k]
+        keep.scatter_(1, drop, False)
+    return keep.reshape(scores.shape)
+
+
+def input_feature_norms(gm: nn.Module, layers: list[tuple[str, nn.Module]], batches) -> dict[str, torch.Tensor]:
+    """Per layer, the L2 norm over ``batches`` of every input feature its weights multiply (weight-shaped).
+
+    For a Linear the feature is an input column (norm over every leading
+    dimension); for a conv it is one column of the unfolded (im2col) input:
+    input channel ``i`` at kernel tap ``t``, padded the layer's way, at the
+    layer's stride and dilation. So ``|W| * norm`` is exactly the Wanda score
+    ``|W_ij| * ||X_j||``, expanded to the weight's shape (a grouped conv's
+    output channel sees its own group's inputs). The model runs in eval mode.
+    """
+    from .blocks.base import LayerConfig
+    from .graph_utils import mode
+
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(name: str, layer: nn.Module):
+        config = LayerConfig.from_module(layer)
+
+        def hook(mod, args):
+            x = args[0].detach().double()
+            if not config.is_conv:
+                sq = x.reshape(-1, x.shape[-1]).square().sum(0)
+            else:
+                xp = config.pad(x)
+                if config.ndim == 1:
+                    xp = xp.unsqueeze(2)
+                kernel, dilation, stride = ((1, *config.kernel), (1, *config.dilation), (1, *config.stride)) \
+                    if config.ndim == 1 else (config.kernel, config.dilation, config.stride)
+                cols = F.unfold(xp.square(), kernel, dilation=dilation, stride=stride)  # (N, C*taps, L)
+                sq = cols.sum(dim=(0, 2))
+            sums[name] = sums[name] + sq if name in sums else sq
+
+        return hook
+
+    for name, layer in layers:
+        hooks.append(layer.register_forward_pre_hook(hook_for(name, layer)))
+    try:
+        with mode(gm, training=False), torch.no_grad():
+            for x in batches:
+                gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    norms = {}
+    for name, layer in layers:
+        if name not in sums:
+            continue
+        w = layer.weight
+        norm = sums[name].sqrt().to(w.dtype)
+        if w.dim() == 2:
+            norms[name] = norm.expand_as(w)
+        else:
+            groups = layer.groups
+            per_group = norm.reshape(groups, w.shape[1], *w.shape[2:])  # (groups, C_in/groups, *k)
+            norms[name] = per_group.repeat_interleave(w.shape[0] // groups, dim=0)
+    return norms
+
+
+def reestimate_batchnorm(gm: nn.Module, batches) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (no labels, no gradients).
+
+    Only ``running_mean``, ``running_var`` and ``num_batches_tracked``
+    change: the statistics are reset and recomputed as a cumulative average
+    over the batches, with every other module in eval mode (dropout off).
+    Returns how many BatchNorms were re-estimated (0 when the model has
+    none, e.g. after ``fold_bn``).
+    """
+    from .graph_utils import mode
+
+    norms = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    with mode(gm, training=False), torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch weighs the same
+            m.train()
+        try:
+            for x in batches:
+                gm(x)
+        finally:
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+    return len(norms)

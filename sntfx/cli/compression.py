@@ -18,17 +18,19 @@ from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_opt
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--sparsity", type=FRACTION, default=None,
-              help="Fraction of zeros (magnitude) or of channels removed (structured); not for nm.")
-@click.option("--method", type=click.Choice(["magnitude", "nm", "structured"]), default="magnitude", show_default=True)
-@click.option("--scope", type=click.Choice(["global", "layer"]), default=None,
-              help="One ranking across layers, or the same fraction in each layer [global for magnitude, layer for "
-                   "structured].")
-@click.option("--nm", "nm_pattern", default=None, help="N:M pattern for --method nm [2:4].", type=TEXT)
+              help="Fraction of zeros (magnitude, wanda) or of channels removed (structured); not for N:M.")
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "nm", "structured"]), default="magnitude",
+              show_default=True, help="wanda: activation-aware |W| x ||input|| on --data images, no retraining.")
+@click.option("--scope", type=click.Choice(["global", "layer", "row"]), default=None,
+              help="One ranking across layers, the same fraction in each layer, or in each output row [global for "
+                   "magnitude, row for wanda, layer for structured].")
+@click.option("--nm", "nm_pattern", default=None, help="N:M pattern for --method nm or wanda [2:4].", type=TEXT)
 @click.option("--importance", type=click.Choice(["magnitude", "taylor", "lamp"]), default=None,
               help="Channel importance for --method structured [magnitude]; taylor needs --data.")
 @click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
 @click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
 @click.option("--exclude-last", is_flag=True, help="Keep the classifier dense (structured pruning always does).")
+@click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BatchNorm statistics on --data images afterwards.")
 @click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
@@ -36,9 +38,9 @@ from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_opt
 @click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
 @trust_options
 def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to, exclude_first, exclude_last,
-          data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
-    """Prune a folded MODEL: magnitude (exact sparsity), N:M, or structured channels."""
-    from sntfx.passes import MagnitudePrune, NMPrune, StructuredPrune
+          recalibrate_bn, data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
+    """Prune a folded MODEL: magnitude or activation-aware (exact sparsity), N:M, or structured channels."""
+    from sntfx.passes import MagnitudePrune, NMPrune, StructuredPrune, WandaPrune
 
     from ..compress import accuracy, apply_pass
     from ..data import load_data
@@ -46,15 +48,22 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
     from ..serialization import save
 
     out_path = check_output_path(out, [model])
-    only_with(["nm_pattern"], method == "nm", "--method nm")
+    only_with(["nm_pattern"], method in ("nm", "wanda"), "--method nm or wanda")
     only_with(["importance", "round_to"], method == "structured", "--method structured")
-    only_with(["scope"], method != "nm", "--method magnitude or structured (N:M is per group of M weights)")
+    only_with(["scope"], method != "nm" and not nm_pattern,
+              "--method magnitude, wanda or structured (N:M is per group of M weights)")
+    scopes = {"magnitude": ("global", "layer"), "wanda": ("row", "layer"), "structured": ("global", "layer")}
+    if scope is not None and scope not in scopes.get(method, ()):
+        raise SntfxError(f"--scope {scope} does not apply to --method {method}; choose {' or '.join(scopes[method])}")
+    if (method == "wanda" or recalibrate_bn) and not data_name:
+        raise SntfxError(f"{'--method wanda' if method == 'wanda' else '--recalibrate-bn'} needs calibration images: "
+                         "add --data NAME (e.g. --data fashion-mnist)")
     only_with(["lr"], finetune_epochs > 0, "--finetune-epochs N")
     only_with(["data_dir"], data_name is not None, "--data NAME")
-    if method == "nm" and sparsity is not None:
-        raise SntfxError("--method nm zeroes exactly N of every M weights (2:4 is 50%), so --sparsity does not apply: "
+    if (method == "nm" or nm_pattern) and sparsity is not None:
+        raise SntfxError("N:M pruning zeroes exactly N of every M weights (2:4 is 50%), so --sparsity does not apply: "
                          "drop it and choose the pattern with --nm N:M")
-    if method != "nm" and sparsity is None:
+    if method != "nm" and not nm_pattern and sparsity is None:
         raise SntfxError(f"--method {method} needs --sparsity, e.g. --sparsity 0.5")
     if finetune_epochs and not data_name:
         raise SntfxError("--finetune-epochs needs --data")
@@ -63,13 +72,17 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
     try:
         if method == "magnitude":
             p = MagnitudePrune(sparsity, scope=scope or "global", exclude_first=exclude_first,
-                               exclude_last=exclude_last)
+                               exclude_last=exclude_last, recalibrate_bn=recalibrate_bn)
+        elif method == "wanda":
+            p = WandaPrune(sparsity, pattern=nm_pattern, scope=scope or "row", recalibrate_bn=recalibrate_bn,
+                           exclude_first=exclude_first, exclude_last=exclude_last)
         elif method == "nm":
             n, m = NMPrune.parse_pattern(nm_pattern or "2:4")
-            p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last)
+            p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last, recalibrate_bn=recalibrate_bn)
         else:
             p = StructuredPrune(sparsity, importance=importance or "magnitude", round_to=round_to,
-                                global_pruning=scope == "global", exclude_first=exclude_first)
+                                global_pruning=scope == "global", exclude_first=exclude_first,
+                                recalibrate_bn=recalibrate_bn)
     except ValueError as exc:
         raise SntfxError(str(exc)) from exc
     gm = load_folded(model, source_file, trust_source)
