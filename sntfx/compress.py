@@ -37,17 +37,22 @@ def ensure_folded(gm: fx.GraphModule, what: str = "the model") -> None:
 
 
 def check_sweep_settings(*, sparsities: Sequence[float] = (), channel_sparsities: Sequence[float] = (),
-                         bits: Sequence[int] = (), act_bits: Sequence[Sequence[int]] = ()) -> None:
+                         bits: Sequence[int] = (), act_bits: Sequence[Sequence[int]] = (),
+                         wanda_sparsities: Sequence[float] = (), nm_patterns: Sequence[str] = ()) -> None:
     """Refuse a sweep setting the compression passes would refuse, before any work (the passes' own checks)."""
-    from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune
+    from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune, WandaPrune
 
     for what, axis in (("sparsities", sparsities), ("channel sparsities", channel_sparsities), ("bits", bits),
+                       ("activation-aware sparsities", wanda_sparsities), ("N:M patterns", nm_patterns),
                        ("activation settings", [tuple(p) if isinstance(p, (list, tuple)) else p for p in act_bits])):
         if len(set(axis)) != len(axis):
             raise SntfxError(f"the sweep's {what} list a value twice ({list(axis)}); list each once")
     checks = [(f"sparsity {s!r}", lambda s=s: MagnitudePrune(s)) for s in sparsities]
     checks += [(f"channel sparsity {s!r}", lambda s=s: StructuredPrune(s)) for s in channel_sparsities]
     checks += [(f"weight bits {b!r}", lambda b=b: SimulatedQuantize(wbits=b)) for b in bits]
+    checks += [(f"activation-aware sparsity {s!r}", lambda s=s: WandaPrune(s)) for s in wanda_sparsities]
+    checks += [(f"N:M pattern {p!r}", lambda p=p: WandaPrune(pattern=p if isinstance(p, str) else repr(p)))
+               for p in nm_patterns]
     for pair in act_bits:
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise SntfxError(f"an activation setting is a pair [weight bits, activation bits], e.g. [4, 8]; got {pair!r}")
@@ -103,16 +108,27 @@ def accuracy(gm: torch.nn.Module, data: Data, *, batch_size: int = 256, limit: i
 
 def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
           channel_sparsities: Sequence[float] = (), bits: Sequence[int] = (8, 6, 5, 4, 3),
-          act_bits: Sequence[tuple[int, int]] = ((8, 8), (4, 8)), calib_batches: int = 16,
+          act_bits: Sequence[tuple[int, int]] = ((8, 8), (4, 8)), wanda_sparsities: Sequence[float] = (),
+          nm_patterns: Sequence[str] = (), recalibrate_bn: bool = True, calib_batches: int = 16,
           limit: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Accuracy of ``gm`` under each compression setting, without fine-tuning."""
-    from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune
+    """Accuracy of ``gm`` under each compression setting, without fine-tuning.
 
-    check_sweep_settings(sparsities=sparsities, channel_sparsities=channel_sparsities, bits=bits, act_bits=act_bits)
+    ``wanda_sparsities`` and ``nm_patterns`` are activation-aware (Wanda)
+    pruning, unstructured per output row and N:M, calibrated on training
+    images and followed by BatchNorm re-estimation when ``recalibrate_bn``;
+    their results are under ``result["wanda"]`` keyed by the sparsity or the
+    pattern (``"0.5"``, ``"2:4"``).
+    """
+    from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune, WandaPrune
+
+    check_sweep_settings(sparsities=sparsities, channel_sparsities=channel_sparsities, bits=bits, act_bits=act_bits,
+                         wanda_sparsities=wanda_sparsities, nm_patterns=nm_patterns)
     ensure_folded(gm)
     tick = progress or (lambda label: None)
     result: dict[str, Any] = {"float": accuracy(gm, data, limit=limit), "sparsity": {}, "channel_sparsity": {},
                               "bits": {}, "act_bits": {}}
+    if wanda_sparsities or nm_patterns:
+        result["wanda"] = {}
     tick("float")
     for s in sparsities:
         pruned = apply_pass(gm, MagnitudePrune(s), data).graph_module
@@ -123,6 +139,12 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
         result["channel_sparsity"][str(s)] = {"accuracy": accuracy(pruned, data, limit=limit),
                                               "params": count_parameters(pruned)}
         tick(f"channels {s}")
+    for setting in [*wanda_sparsities, *nm_patterns]:
+        p = WandaPrune(pattern=setting, recalibrate_bn=recalibrate_bn) if isinstance(setting, str) else \
+            WandaPrune(setting, recalibrate_bn=recalibrate_bn)
+        pruned = apply_pass(gm, p, data, calib_batches=calib_batches).graph_module
+        result["wanda"][str(setting)] = accuracy(pruned, data, limit=limit)
+        tick(f"wanda {setting}")
     for b in bits:
         q = apply_pass(gm, SimulatedQuantize(wbits=b), data).graph_module
         result["bits"][str(b)] = accuracy(q, data, limit=limit)

@@ -49,6 +49,7 @@ __all__ = [
     "ImageTensorDataset",
     "load_data",
     "fixed_batches",
+    "hold_out",
     "DATASETS",
     "DataError",
     "FASHION_MNIST_DIRS",
@@ -130,6 +131,88 @@ class Data:
     info: DatasetInfo
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    val: Dataset | None = None  # held out from the training split by :func:`hold_out`
+
+    def split(self, name: str) -> Dataset:
+        """The ``"val"`` or ``"test"`` split; a clear error when no validation split was held out."""
+        if name == "test":
+            return self.test
+        if name == "val":
+            if self.val is None:
+                raise DataError("no validation split: hold images out of the training split first "
+                                "(sntfx.data.hold_out(data, n), or val_images = N in a study)")
+            return self.val
+        raise DataError(f"unknown split '{name}'; use val or test")
+
+
+class _Subset(Dataset):
+    """Items ``indices`` of ``dataset``, forwarding its augmentation switches (``train``, ``seed``, ``set_epoch``)."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor, *, train: bool):
+        self.dataset, self.indices, self.train = dataset, indices, train
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        saved = getattr(self.dataset, "train", None)
+        if saved is not None:
+            self.dataset.train = self.train
+        try:
+            return self.dataset[int(self.indices[i])]
+        finally:
+            if saved is not None:
+                self.dataset.train = saved
+
+    def __getattr__(self, name: str):  # seed, epoch, set_epoch, info, ... of the wrapped dataset
+        if name in ("dataset", "indices", "train"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("dataset", "indices", "train"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.dataset, name, value)
+
+
+def _labels_of(dataset: Dataset) -> torch.Tensor:
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def hold_out(data: Data, n: int, *, seed: int = 0) -> Data:
+    """``data`` with ``n`` training images moved into a validation split (``data.val``), stratified by class.
+
+    The split depends on ``n`` and ``seed`` only, so every run of a study
+    holds out the same images. Validation images are not augmented; the
+    normalisation statistics stay those of the whole training split.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < len(data.train):
+        raise DataError(f"the validation split must hold between 1 and {len(data.train) - 1} of the "
+                        f"{len(data.train)} training images of {data.info.name}, not {n!r}")
+    labels = _labels_of(data.train)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(len(labels), dtype=torch.float64)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        rank = torch.empty(len(idx), dtype=torch.float64)
+        rank[torch.randperm(len(idx), generator=gen)] = torch.arange(len(idx), dtype=torch.float64)
+        order[idx] = (rank + 0.5) / len(idx)  # each class's images spread evenly over [0, 1): a proportional draw
+    picked = torch.sort(order, stable=True).indices[:n]
+    mask = torch.zeros(len(labels), dtype=torch.bool)
+    mask[picked] = True
+    keep, val = torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+    train = data.train
+    if isinstance(train, ImageTensorDataset):
+        new_train = ImageTensorDataset(train.images[keep], train.labels[keep], train.info, train=train.train,
+                                       seed=train.seed)
+        new_val = ImageTensorDataset(train.images[val], train.labels[val], train.info, train=False)
+    else:
+        new_train, new_val = _Subset(train, keep, train=True), _Subset(train, val, train=False)
+    return Data(new_train, data.test, data.info, data.source, dict(data.extra), val=new_val)
 
 
 def fixed_batches(dataset: Dataset, *, batches: int, batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

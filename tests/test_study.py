@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import jsonschema
@@ -88,6 +89,92 @@ def test_summary_statistics_are_paired_by_seed():
     assert "W4" not in summary["gains_over_adam"].get("adam", {})
 
 
+def test_confidence_intervals_use_t_over_seeds_and_decide_the_verdict():
+    from sntfx.study import confidence_interval
+    from sntfx.study.report import short_verdict, verdict
+
+    lo, hi = confidence_interval(1.0, 1.0, 5)
+    assert (lo, hi) == pytest.approx((1.0 - 2.776445 / 5**0.5, 1.0 + 2.776445 / 5**0.5), rel=1e-6)  # t(0.975, 4)
+    assert confidence_interval(0.3, 0.1, 1) is None
+    # mean more than one std above zero, but the 95% interval (3 seeds: t = 4.30) still contains zero
+    gain = {"mean": 0.02, "std": 0.015, "n": 3, "ci95": confidence_interval(0.02, 0.015, 3)}
+    assert gain["ci95"][0] < 0 < gain["ci95"][1]
+    assert verdict(gain).startswith("no clear difference") and short_verdict(gain).endswith("~")
+    sure = {"mean": 0.02, "std": 0.005, "n": 5, "ci95": confidence_interval(0.02, 0.005, 5)}
+    assert verdict(sure).startswith("helps") and short_verdict(sure).endswith("helps")
+    old = {"mean": -0.02, "std": 0.005, "n": 5}  # results.json written before intervals: recomputed
+    assert verdict(old).startswith("hurts")
+
+
+def test_primary_scores_average_their_preregistered_settings_per_seed():
+    from sntfx.study import PRIMARY_SCORES
+
+    config = StudyConfig(models=["m"], methods=["adam", "snt-linear"], seeds=[0, 1, 2])
+    gen = torch.Generator().manual_seed(0)
+    records, per_seed = [], {"pruning score": [], "quantization score": []}
+    for seed in range(3):
+        accs = {}
+        for method in ("adam", "snt-linear"):
+            rec = _record(method, seed, 0.8, 0.5, 10.0)
+            vals = {k: float(torch.rand((), generator=gen)) for keys in PRIMARY_SCORES.values() for k in keys}
+            rec["sweep"]["wanda"] = {k.split(":", 1)[1]: v for k, v in vals.items() if k.startswith("wanda:")}
+            rec["sweep"]["bits"] = {k[1:]: v for k, v in vals.items() if re.fullmatch(r"W\d+", k)}
+            rec["sweep"]["act_bits"] = {k: v for k, v in vals.items() if re.fullmatch(r"W\d+A\d+", k)}
+            records.append(rec)
+            accs[method] = vals
+        for score, keys in PRIMARY_SCORES.items():
+            per_seed[score].append(statistics.fmean(accs["snt-linear"][k] - accs["adam"][k] for k in keys))
+    primary = summarize(records, config)["m"]["primary_scores"]["snt-linear"]
+    for score, values in per_seed.items():
+        s = primary[score]
+        assert (s["mean"], s["std"], s["n"]) == pytest.approx((statistics.fmean(values), statistics.stdev(values), 3))
+        assert s["ci95"][0] < s["mean"] < s["ci95"][1]
+
+
+def test_validation_split_is_chosen_on_and_the_test_split_read_only_when_asked(tmp_path, monkeypatch):
+    """evaluate_on=val never reads a test image (training curve included); switching to test keeps the training."""
+    import sntfx.data
+
+    real = sntfx.data.load_data
+    reads = {"test": 0}
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            reads["test"] += 1
+            return self.inner[i]
+
+    def load(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.test = Counting(data.test)
+        return data
+
+    monkeypatch.setattr(sntfx.data, "load_data", load)
+    config = StudyConfig(**{**TINY, "eval_images": None}, methods=["adam", "snt-linear"], seeds=[0], onnx=False,
+                         val_images=100, evaluate_on="val")
+    results = Study(config, tmp_path).run()
+    assert reads["test"] == 0
+    assert results["dataset"]["val_images"] == 100 and results["dataset"]["evaluated_on"] == "val"
+    assert results["dataset"]["train_images"] == 412  # synthetic: 512 training images, 100 held out
+    run = results["runs"][0]
+    assert run["evaluate"]["split"] == "val" and run["evaluate"]["test_images"] == 100
+    assert "validation images" in (tmp_path / "report.md").read_text()
+    final = StudyConfig(**{**TINY, "eval_images": None}, methods=["adam", "snt-linear"], seeds=[0], onnx=False,
+                        val_images=100, evaluate_on="test")
+    again = Study(final, tmp_path)
+    results = again.run()
+    assert {stage for _, stage in again.executed} == {"evaluate", "sweep"}  # the trained runs are kept
+    assert reads["test"] > 0 and results["runs"][0]["evaluate"]["split"] == "test"
+    assert results["runs"][0]["evaluate"]["test_images"] == 256
+    with pytest.raises(SntfxError, match="val_images"):
+        StudyConfig(**TINY, evaluate_on="val")
+
+
 # -- the runs -----------------------------------------------------------------------
 
 
@@ -171,10 +258,15 @@ def test_study_models_are_folded_and_the_fold_is_recorded(tiny_study):
 def test_report_has_the_answer_first(tiny_study):
     out, _ = tiny_study
     report = (out / "report.md").read_text()
-    head = report[: report.index("### ")]
+    head = report[: report.index("### Accuracy")]
     for method in ("adam", "sam", "snt-linear", "snt-branch"):
         assert f"**{method}**" in head
     assert "Δ unstructured pruning" in head and "time / epoch vs Adam" in head
+    # the pre-registered primary scores lead: before the per-kind table, with every method's interval
+    primary = report[report.index("### Primary scores"): report.index("Δ unstructured pruning")]
+    assert "pruning score" in primary and "quantization score" in primary
+    for method in ("sam", "snt-linear", "snt-branch"):
+        assert re.search(rf"\*\*{method}\*\* \| [+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", primary), method
     for plot in PLOTS:
         assert f"plots/sntfx-cnn-{plot}.png" in report
     assert "ONNX Runtime" in report

@@ -33,7 +33,13 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="SNT expansion ratio (default 4).")
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="Training batches per epoch.")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None,
-              help="Test images for the compression sweeps and ONNX accuracy (default: all).")
+              help="Images of the evaluated split for the compression sweeps and ONNX accuracy (default: all).")
+@click.option("--val-images", type=click.IntRange(min=0), default=None,
+              help="Hold this many training images out as a validation split (the same for every run); training "
+                   "then reports its per-epoch accuracy on them.")
+@click.option("--evaluate-on", type=click.Choice(["val", "test"]), default=None,
+              help="Measure every accuracy after training on the validation split (for choices) or on the test split "
+                   "(once, for the chosen configurations) [test]. Switching keeps the trained runs.")
 @click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
 @click.option("--device", default=None, help="Training device: auto, cpu, cuda, cuda:N.", type=TEXT)
@@ -45,7 +51,8 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, limit_batches, eval_images, onnx, provider, device, config_file, out, report_only, trust_source):
+          ratio, limit_batches, eval_images, val_images, evaluate_on, onnx, provider, device, config_file, out,
+          report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
     Resumable: run the same command again and finished stages are kept.
@@ -77,7 +84,8 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     from_cli = {"models": [m for spec in models for m in spec.split(",") if m] or None, "data": data_name,
              "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
-             "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "onnx": onnx,
+             "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
+             "evaluate_on": evaluate_on, "onnx": onnx,
              "provider": provider, "device": device}
     overrides |= {k: v for k, v in from_cli.items() if v is not None}  # the command line wins over the file
     config = preset_config(preset, overrides)
@@ -110,21 +118,20 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
 
 
 def print_study_summary(results: dict) -> None:
-    from ..study import short_verdict
+    from ..study import PRIMARY_SCORES, short_verdict
 
+    split = "validation" if results["dataset"].get("evaluated_on") == "val" else "test"
     for model, summary in results["summary"].items():
-        table = Table(title=f"{model} on {results['dataset']['name']}: accuracy gained over Adam (points, mean ± std "
-                            "over seeds; 'helps' = more than one std above zero)", show_edge=False)
-        for col in ("method", "float acc", "unstructured pruning", "channel pruning", "quantization <= 6 bit",
-                    "time/epoch"):
+        table = Table(title=f"{model} on {results['dataset']['name']} ({split} split): accuracy gained over Adam "
+                            "(points, mean [95% CI] over seeds; 'helps' = interval above zero)", show_edge=False)
+        scores = list(PRIMARY_SCORES)
+        for col in ("method", "float acc", *scores, "time/epoch"):
             table.add_column(col)
         for method, metrics in summary["metrics"].items():
-            groups = summary["group_gains_over_adam"].get(method, {})
+            primary = (summary.get("primary_scores") or {}).get(method, {})
             acc = metrics.get("float", {})
             t = metrics.get("epoch_time_vs_adam", {})
             table.add_row(method, f"{100 * acc['mean']:.2f}%" if acc.get("mean") is not None else "n/a",
-                          *(["-"] * 3 if method == "adam" else
-                            [short_verdict(groups.get(g)) for g in ("unstructured pruning", "channel pruning",
-                                                               "quantization (<= 6 bits)")]),
+                          *(["-"] * len(scores) if method == "adam" else [short_verdict(primary.get(s)) for s in scores]),
                           f"{t['mean']:.2f}x" if t.get("mean") is not None else "n/a")
         console.print(table)

@@ -131,7 +131,12 @@ class StudyConfig:
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
     channel_sparsities: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])
     bits: list[int] = field(default_factory=lambda: [8, 6, 5, 4, 3])
-    act_bits: list[list[int]] = field(default_factory=lambda: [[8, 8], [4, 8]])
+    act_bits: list[list[int]] = field(default_factory=lambda: [[8, 8], [6, 6], [4, 8], [4, 4]])
+    wanda_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7])  # activation-aware, per output row
+    nm_patterns: list[str] = field(default_factory=lambda: ["2:4"])  # activation-aware N:M
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics after activation-aware pruning
+    val_images: int = 0  # training images held out as a validation split (stratified, the same for every run)
+    evaluate_on: str = "test"  # val | test: the split every accuracy after training is measured on
     sharpness_batches: int = 4
     sharpness_batch_size: int = 128
     sharpness_iters: int = 30
@@ -157,7 +162,15 @@ class StudyConfig:
         from ..compress import check_sweep_settings
 
         check_sweep_settings(sparsities=self.sparsities, channel_sparsities=self.channel_sparsities, bits=self.bits,
-                             act_bits=self.act_bits)
+                             act_bits=self.act_bits, wanda_sparsities=self.wanda_sparsities,
+                             nm_patterns=self.nm_patterns)
+        if self.val_images < 0:
+            raise SntfxError(f"val_images must be 0 (no validation split) or a number of training images, "
+                             f"got {self.val_images}")
+        if self.evaluate_on not in ("val", "test"):
+            raise SntfxError(f"evaluate_on must be val or test, not '{self.evaluate_on}'")
+        if self.evaluate_on == "val" and not self.val_images:
+            raise SntfxError("evaluate_on = val needs a validation split: set val_images (e.g. --val-images 10000)")
         for name, value, low_open in (("lr", self.lr, True), ("weight_decay", self.weight_decay, False),
                                       ("rho", self.rho, True)):
             if value is None and name == "lr":
@@ -181,7 +194,8 @@ class StudyConfig:
     @property
     def sweep_settings(self) -> int:
         """Accuracy measurements in one run's sweep (float + every compression setting)."""
-        return 1 + len(self.sparsities) + len(self.channel_sparsities) + len(self.bits) + len(self.act_bits)
+        return 1 + len(self.sparsities) + len(self.channel_sparsities) + len(self.bits) + len(self.act_bits) + \
+            len(self.wanda_sparsities) + len(self.nm_patterns)
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

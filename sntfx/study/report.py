@@ -18,6 +18,7 @@ from typing import Any
 from ..io import atomic_write
 from ..plotting import pyplot, save_png
 from .config import slug
+from .stats import PRIMARY_SCORES, confidence_interval
 
 __all__ = ["write_report", "verdict", "short_verdict"]
 
@@ -41,29 +42,43 @@ def _num(s: dict | None, fmt: str = "{:.3g}", unit: str = "") -> str:
     return f"{text} ± {fmt.format(s['std'])}{unit}" if s["n"] > 1 else f"{text}{unit}"
 
 
+def interval(gain: dict) -> list[float] | None:
+    """The 95% confidence interval of a paired gain (from the results, or recomputed for files without it)."""
+    if gain.get("ci95") is not None:
+        return gain["ci95"]
+    return confidence_interval(gain["mean"], gain["std"] or 0.0, gain["n"])
+
+
+def _word(gain: dict) -> str:
+    """helps / hurts only when the 95% interval of the paired gain excludes zero; ``~`` otherwise."""
+    ci = interval(gain)
+    if ci is None:
+        return "~"
+    return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "~"
+
+
+def _ci_text(gain: dict) -> str:
+    lo, hi = (100 * v for v in interval(gain))
+    return f"{100 * gain['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def verdict(gain: dict | None) -> str:
-    """Plain words for a paired gain: helps / hurts only when the mean is more than one std from zero."""
+    """Plain words for a paired gain: helps / hurts only when its 95% confidence interval excludes zero."""
     if not gain or gain.get("mean") is None:
         return "not measured"
-    mean, std, n = 100 * gain["mean"], 100 * gain["std"], gain["n"]
-    if n < 2:
-        return f"{mean:+.2f} points on one seed (no spread: run more seeds)"
-    if mean - std > 0:
-        return f"helps ({mean:+.2f} ± {std:.2f} points)"
-    if mean + std < 0:
-        return f"hurts ({mean:+.2f} ± {std:.2f} points)"
-    return f"no clear difference ({mean:+.2f} ± {std:.2f} points)"
+    if gain["n"] < 2:
+        return f"{100 * gain['mean']:+.2f} points on one seed (no interval: run more seeds)"
+    word = {"helps": "helps", "hurts": "hurts", "~": "no clear difference"}[_word(gain)]
+    return f"{word} ({_ci_text(gain)} points, 95% CI, {gain['n']} seeds)"
 
 
 def short_verdict(gain: dict | None) -> str:
-    """``+1.20 ± 0.30 helps`` / ``-0.10 ± 0.40 ~`` / ``+0.5 (1 seed)``: for terminal tables."""
+    """``+1.20 [+0.40, +2.00] helps`` / ``-0.10 [-0.90, +0.70] ~`` / ``+0.5 (1 seed)``: for terminal tables."""
     if not gain or gain.get("mean") is None:
         return "n/a"
-    mean, std, n = 100 * gain["mean"], 100 * gain["std"], gain["n"]
-    if n < 2:
-        return f"{mean:+.2f} (1 seed)"
-    word = "helps" if mean - std > 0 else "hurts" if mean + std < 0 else "~"
-    return f"{mean:+.2f} ± {std:.2f} {word}"
+    if gain["n"] < 2:
+        return f"{100 * gain['mean']:+.2f} (1 seed)"
+    return f"{_ci_text(gain)} {_word(gain)}"
 
 
 def _methods(summary: dict) -> list[str]:
@@ -73,6 +88,11 @@ def _methods(summary: dict) -> list[str]:
 def _settings(metrics: dict, prefix: str) -> list[str]:
     keys = {k for m in metrics.values() for k in m if k.startswith(prefix)}
     return sorted(keys, key=lambda k: float(k.split(":")[1]))
+
+
+def _wanda_keys(metrics: dict) -> list[str]:
+    keys = {k for m in metrics.values() for k in m if k.startswith("wanda:")}
+    return sorted(keys, key=lambda k: (":" in k[6:], k))
 
 
 def _bit_keys(metrics: dict) -> list[str]:
@@ -86,26 +106,41 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out + [""]
 
 
-def _in_short(groups: dict[str, dict]) -> str:
-    """One sentence per compression kind: the best method and whether it clears the one-std bar."""
+def _in_short(groups: dict[str, dict], kinds) -> str:
+    """One sentence per score: the best method and whether its 95% interval clears zero."""
     parts = []
-    for kind in ("unstructured pruning", "channel pruning", "quantization (<= 6 bits)"):
+    for kind in kinds:
         scored = [(m, g[kind]) for m, g in groups.items() if g.get(kind, {}).get("mean") is not None]
         if not scored:
             continue
         best, stats = max(scored, key=lambda item: item[1]["mean"])
-        mean, std = 100 * stats["mean"], 100 * stats["std"]
-        if stats["n"] > 1 and mean - std > 0:
-            parts.append(f"under {kind}, **{best}** keeps the most accuracy ({mean:+.2f} ± {std:.2f} points over Adam)")
-        elif stats["n"] > 1 and mean + std < 0:
-            parts.append(f"under {kind}, every method keeps less accuracy than Adam (closest: {best}, "
-                         f"{mean:+.2f} ± {std:.2f})")
-        elif stats["n"] > 1:
-            parts.append(f"under {kind}, no method beats Adam by more than its spread (best: {best}, "
-                         f"{mean:+.2f} ± {std:.2f})")
+        if stats["n"] < 2:
+            parts.append(f"on the {kind}, the best is {best} ({100 * stats['mean']:+.2f} points, one seed)")
+        elif _word(stats) == "helps":
+            parts.append(f"on the {kind}, **{best}** keeps more accuracy than Adam ({_ci_text(stats)} points)")
+        elif _word(stats) == "hurts":
+            parts.append(f"on the {kind}, every method keeps less accuracy than Adam (closest: {best}, "
+                         f"{_ci_text(stats)})")
         else:
-            parts.append(f"under {kind}, the best is {best} ({mean:+.2f} points, one seed)")
+            parts.append(f"on the {kind}, no method's gain over Adam excludes zero (best: {best}, {_ci_text(stats)})")
     return ("**In short:** " + "; ".join(parts) + ".") if parts else ""
+
+
+def _primary_section(summary: dict) -> list[str]:
+    """The pre-registered primary scores, first: mean gain over Adam with its 95% interval, and the verdict."""
+    primary = summary.get("primary_scores") or {}
+    if not any(s.get("mean") is not None for scores in primary.values() for s in scores.values()):
+        return []
+    names = list(PRIMARY_SCORES)
+    lines = ["### Primary scores (pre-registered)", "",
+             "Chosen before any SNT result was looked at: the " + "; the ".join(
+                 f"**{n}** is the mean accuracy gain over Adam across {', '.join(PRIMARY_SCORES[n])}"
+                 for n in names) + " (activation-aware pruning with BatchNorm re-estimation where configured, "
+             "no fine-tuning). Paired by seed; [95% confidence interval]; a method helps or hurts only where the "
+             "interval excludes zero.", ""]
+    rows = [[f"**{m}**", *(short_verdict(scores.get(n)) for n in names)] for m, scores in primary.items()]
+    lines += _table(["method", *names], rows)
+    return lines + [_in_short(primary, names), ""]
 
 
 def _model_section(model: str, summary: dict, results: dict, out: Path, plots: dict[str, str]) -> list[str]:
@@ -115,30 +150,31 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
     lines = [f"## {model}", ""]
 
     # -- the answer --------------------------------------------------------------
-    header = ["method", "float acc (%)", "Δ unstructured pruning", "Δ channel pruning", "Δ quantization ≤ 6 bit",
+    lines += _primary_section(summary)
+    kinds = [k for k in ("unstructured pruning", "activation-aware pruning", "channel pruning",
+                         "quantization (<= 6 bits)")
+             if any(g.get(k, {}).get("n") for g in groups.values()) or not groups]
+    header = ["method", "float acc (%)", *(f"Δ {k.replace('(<= 6 bits)', '≤ 6 bit')}" for k in kinds),
               "time / epoch vs Adam", "top Hessian eigenvalue"]
     rows = []
     for m in methods:
         g = groups.get(m, {})
         rows.append([f"**{m}**", _pct(metrics[m].get("float")),
-                     *(("—",) * 3 if m == "adam" else (_pct(g.get(k), signed=True) for k in
-                                                       ("unstructured pruning", "channel pruning",
-                                                        "quantization (<= 6 bits)"))),
+                     *(("—",) * len(kinds) if m == "adam" else (_pct(g.get(k), signed=True) for k in kinds)),
                      _num(metrics[m].get("epoch_time_vs_adam"), "{:.2f}", "×"),
                      _num(metrics[m].get("sharpness:top_eigenvalue"), "{:.4g}")])
     lines += _table(header, rows)
-    lines += [_in_short(groups), ""]
+    lines += [_in_short(groups, kinds), ""]
     lines += ["Δ: accuracy points gained over Adam, averaged over the settings of each kind (the sections below "
               "list every setting), mean ± std over seeds of the per-seed difference.", ""]
     for m in methods:
         if m == "adam":
             continue
         g = groups.get(m, {})
-        lines.append(f"- **{m}** vs Adam: float {verdict(gains.get(m, {}).get('float'))}; unstructured pruning "
-                     f"{verdict(g.get('unstructured pruning'))}; channel pruning {verdict(g.get('channel pruning'))}; "
-                     f"quantization {verdict(g.get('quantization (<= 6 bits)'))}.")
-    lines += ["", "_A method \"helps\" (or \"hurts\") only where its mean gain is more than one standard deviation "
-              "above (below) zero across seeds; anything else is reported as no clear difference._", ""]
+        lines.append(f"- **{m}** vs Adam: float {verdict(gains.get(m, {}).get('float'))}; "
+                     + "; ".join(f"{k} {verdict(g.get(k))}" for k in kinds) + ".")
+    lines += ["", "_A method \"helps\" (or \"hurts\") only where the 95% confidence interval of its paired gain "
+              "(t over seeds) lies above (below) zero; anything else is reported as no clear difference._", ""]
 
     # -- details -------------------------------------------------------------------
     def setting_table(title: str, keys: list[str], label) -> None:
@@ -155,6 +191,9 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
 
     setting_table("Accuracy (%) under unstructured magnitude pruning (global, no fine-tuning)",
                   _settings(metrics, "sparsity:"), lambda k: f"{float(k.split(':')[1]):.0%} of weights")
+    setting_table("Accuracy (%) under activation-aware pruning (Wanda: |W| x input norm per output row, or N:M; "
+                  "no fine-tuning)", _wanda_keys(metrics),
+                  lambda k: k.split(":", 1)[1] if ":" in k.split(":", 1)[1] else f"{float(k.split(':')[1]):.0%} of weights")
     setting_table("Accuracy (%) under structured channel pruning (torch-pruning, no fine-tuning)",
                   _settings(metrics, "channels:"), lambda k: f"{float(k.split(':')[1]):.0%} of channels")
     setting_table("Accuracy (%) under post-training quantization (per-channel weights, min-max activations)",
@@ -202,6 +241,18 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
     return lines + [""]
 
 
+def _split_sentence(cfg: dict, data: dict) -> str:
+    """Which images the accuracies are on: the validation split (held out of training) or the test split."""
+    on_val = data.get("evaluated_on") == "val"
+    total = data["val_images"] if on_val else data["test_images"]
+    where = (f"validation images (held out of the {data['train_images'] + total:,} training images; the test split "
+             "was not read)") if on_val else "test images"
+    held = (f" Training reported its per-epoch accuracy on {data['val_images']:,} held-out validation images."
+            if data.get("val_images") and not on_val else "")
+    return (f"Accuracies are top-1 on {min(total, cfg.get('eval_images') or total):,} {where} (float accuracy on all "
+            f"of them), in %; ± is the standard deviation over seeds.{held}")
+
+
 def write_report(results: dict[str, Any], out: str | Path) -> Path:
     """Write ``report.md`` and the plots for ``results`` into ``out``."""
     out = Path(out)
@@ -218,8 +269,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> Path:
         f" on {data['train_images']:,} training images. Every method starts from the same initial weights and sees "
         "the same data order; SNT models are folded back into the original architecture before anything is "
         "measured" + (f" (largest relative fold error {max(fold_errors):.1e})" if fold_errors else "") + ". "
-        f"Accuracies are top-1 on {min(data['test_images'], cfg.get('eval_images') or data['test_images']):,} "
-        "test images (float accuracy on all of them), in %; ± is the standard deviation over seeds.", ""]
+        + _split_sentence(cfg, data), ""]
     for model, summary in results["summary"].items():
         plots = draw_plots(model, summary, results, plot_dir)
         lines += _model_section(model, summary, results, out, {k: str(Path(v).relative_to(out)) for k, v in plots.items()})

@@ -61,14 +61,23 @@ __all__ = ["Run", "Study", "StudyProgress", "environment"]
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "evaluate", "sweep", "onnx")
+SPLIT_KEYS = ("val_images", "evaluate_on")
 TRAIN_KEYS = ("data", "data_dir", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "rho", "ratio",
-              "limit_batches")
+              "limit_batches", "val_images")
 STAGE_KEYS = {
     "evaluate": ("rho", "sharpness_batches", "sharpness_batch_size", "sharpness_iters", "trace_samples",
-                 "landscape_steps"),
-    "sweep": ("sparsities", "channel_sparsities", "bits", "act_bits", "eval_images"),
-    "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images"),
+                 "landscape_steps", *SPLIT_KEYS),
+    "sweep": ("sparsities", "channel_sparsities", "bits", "act_bits", "eval_images", "wanda_sparsities",
+              "nm_patterns", "recalibrate_bn", *SPLIT_KEYS),
+    "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images", *SPLIT_KEYS),
 }
+# Settings added after studies were first written, and the value that means what those studies did: left out of a
+# run's recorded settings at that value, so that a study written before them still resumes.
+ABSENT = {"val_images": 0, "evaluate_on": "test"}
+
+
+def _recorded(config: dict[str, Any], keys) -> dict[str, Any]:
+    return {k: config[k] for k in keys if not (k in ABSENT and config[k] == ABSENT[k])}
 
 # -- progress --------------------------------------------------------------------
 
@@ -137,12 +146,12 @@ class Study:
         """The settings a run's training depends on (a resumed study must match them)."""
         c = self.config.to_dict()
         return {"model": run.model, "method": run.method.to_dict(), "seed": run.seed,
-                "study": {k: c[k] for k in TRAIN_KEYS}}
+                "study": _recorded(c, TRAIN_KEYS)}
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings a stage's result depends on beyond training; a change redoes that stage only."""
         c = self.config.to_dict()
-        return {k: c[k] for k in STAGE_KEYS.get(stage, ())}
+        return _recorded(c, STAGE_KEYS.get(stage, ()))
 
     def train_config(self, run: Run):
         from ..train import TrainConfig
@@ -154,11 +163,30 @@ class Study:
 
     @property
     def data(self):
+        """The dataset, with ``val_images`` training images held out as ``data.val`` (the same for every run)."""
         if self._data is None:
-            from ..data import load_data
+            from ..data import hold_out, load_data
 
-            self._data = load_data(self.config.data, data_dir=self.config.data_dir, seed=0)
+            data = load_data(self.config.data, data_dir=self.config.data_dir, seed=0)
+            self._data = hold_out(data, self.config.val_images) if self.config.val_images else data
         return self._data
+
+    @property
+    def eval_data(self):
+        """The data every measurement after training reads: its ``test`` is the ``evaluate_on`` split."""
+        from ..data import Data
+
+        d = self.data
+        return Data(d.train, d.split(self.config.evaluate_on), d.info, d.source, d.extra, val=d.val)
+
+    @property
+    def curve_data(self):
+        """What training reports its per-epoch accuracy on: the validation split when there is one, never the
+        test split it would otherwise read before any choice is made."""
+        from ..data import Data
+
+        d = self.data
+        return d if d.val is None else Data(d.train, d.val, d.info, d.source, d.extra, val=d.val)
 
     def _steps_per_epoch(self) -> int:
         n = len(self.data.train) // self.config.batch_size
@@ -168,7 +196,8 @@ class Study:
         """Work per stage in Adam-step units, for the time-left estimate."""
         c = self.config
         steps = self._steps_per_epoch() * c.epochs
-        n_eval = min(len(self.data.test), c.eval_images or len(self.data.test))
+        n_split = len(self.eval_data.test)
+        n_eval = min(n_split, c.eval_images or n_split)
         eval_steps = n_eval / c.batch_size / 3  # a forward pass is about a third of a training step
         return {"train": steps * run.method.step_cost,
                 "evaluate": eval_steps + c.sharpness_batches * (2 * c.sharpness_iters + 2 * c.trace_samples
@@ -287,7 +316,7 @@ class Study:
 
         gm = self._build(run)
         expanded_params = count_parameters(gm)
-        data = self.data
+        data = self.curve_data
         if hasattr(data.train, "seed"):
             data.train.seed = run.seed  # augmentation follows the run's seed, like the sampler
         trainer = Trainer(self.train_config(run), _TrainTicker(tick, self.config.epochs))
@@ -350,14 +379,14 @@ class Study:
 
         c = self.config
         gm = self._load(run)
-        acc = accuracy(gm, self.data)
+        acc = accuracy(gm, self.eval_data)
         tick(0.1)
         batches = self._sharpness_batches()
         sharp = measure(gm, batches, rho=c.rho, iters=c.sharpness_iters, trace_samples=c.trace_samples, seed=0)
         tick(0.8)
         curve = landscape(gm, batch_loss_fn(gm, batches[:2]), steps=c.landscape_steps, span=1.0, seed=0)
-        return {"float_accuracy": acc, "test_images": len(self.data.test), "sharpness": sharp,
-                "landscape": curve}
+        return {"float_accuracy": acc, "test_images": len(self.eval_data.test), "split": c.evaluate_on,
+                "sharpness": sharp, "landscape": curve}
 
     def _sweep(self, run: Run, tick) -> dict:
         from ..compress import sweep
@@ -365,10 +394,13 @@ class Study:
         c = self.config
         gm = self._load(run)
         n = c.sweep_settings
-        result = sweep(gm, self.data, sparsities=c.sparsities, channel_sparsities=c.channel_sparsities, bits=c.bits,
+        result = sweep(gm, self.eval_data, sparsities=c.sparsities, channel_sparsities=c.channel_sparsities,
+                       bits=c.bits, wanda_sparsities=c.wanda_sparsities, nm_patterns=c.nm_patterns,
+                       recalibrate_bn=c.recalibrate_bn,
                        act_bits=[tuple(p) for p in c.act_bits], limit=self._eval_batches(),
                        progress=lambda label: tick(1.0 / n))
-        result["test_images"] = min(len(self.data.test), 256 * (self._eval_batches() or 10**9))
+        result["test_images"] = min(len(self.eval_data.test), 256 * (self._eval_batches() or 10**9))
+        result["split"] = c.evaluate_on
         return result
 
     def _onnx(self, run: Run, tick) -> dict:
@@ -376,7 +408,7 @@ class Study:
 
         c = self.config
         gm = self._load(run)
-        data = self.data
+        data = self.eval_data
         verify = (torch.stack([data.test[i][0] for i in range(min(64, len(data.test)))]),)
         fp32 = run.path / "model.onnx"
         report = export_onnx(gm, fp32, (torch.zeros(data.info.input_shape(1)),), dynamic_batch=True,
@@ -424,7 +456,8 @@ class Study:
             "sntfx_version": __version__,
             "config": self.config.to_dict(),
             "dataset": {**self.data.info.to_dict(), "train_images": len(self.data.train),
-                        "test_images": len(self.data.test)},
+                        "test_images": len(self.data.test), "val_images": 0 if self.data.val is None else len(self.data.val),
+                        "evaluated_on": self.config.evaluate_on},
             "environment": environment(),
             "runs": records,
             "summary": summarize(records, self.config),

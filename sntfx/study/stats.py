@@ -13,7 +13,8 @@ from typing import Any
 from ..errors import SntfxError
 from .config import StudyConfig
 
-__all__ = ["metrics_of", "summarize", "validate_results", "SCHEMA_PATH", "SCHEMA_VERSION"]
+__all__ = ["metrics_of", "summarize", "validate_results", "confidence_interval", "PRIMARY_SCORES", "SCHEMA_PATH",
+           "SCHEMA_VERSION"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "study-results.schema.json"
 SCHEMA_VERSION = 1
@@ -40,6 +41,8 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
             m[f"W{b}"] = acc
         for name, acc in sw["act_bits"].items():
             m[name] = acc
+        for setting, acc in sw.get("wanda", {}).items():
+            m[f"wanda:{setting}"] = acc
     if tr:
         m["epoch_seconds"] = tr["epoch_seconds_median"]
     for kind in ("fp32", "int8"):
@@ -52,11 +55,32 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def _stats(values: Sequence[float]) -> dict[str, float]:
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation, n and the 95% confidence interval of the mean (t, n - 1 dof; n >= 2)."""
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not vals:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        return {"mean": None, "std": None, "n": 0, "ci95": None}
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(vals), "ci95": confidence_interval(mean, std, len(vals))}
+
+
+def confidence_interval(mean: float, std: float, n: int, level: float = 0.95) -> list[float] | None:
+    """Two-sided ``level`` interval of a mean from ``n`` paired samples: ``mean +- t(n-1) std / sqrt(n)``."""
+    if n < 2:
+        return None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
+#: The pre-registered primary scores: chosen before any SNT result was looked at, and never changed after.
+#: Each is a method's accuracy gain over Adam (paired by seed), averaged over these settings.
+PRIMARY_SCORES: dict[str, tuple[str, ...]] = {
+    "pruning score": ("wanda:0.5", "wanda:0.7", "wanda:2:4"),
+    "quantization score": ("W4A8", "W6A6", "W4", "W3"),
+}
 
 
 def summarize(records: Sequence[dict[str, Any]], config: StudyConfig) -> dict[str, Any]:
@@ -72,7 +96,7 @@ def summarize(records: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
             if rec["model"] == model:
                 per_method.setdefault(rec["method"], {})[rec["seed"]] = metrics_of(rec)
         adam = per_method.get("adam", {})
-        metrics, gains, groups = {}, {}, {}
+        metrics, gains, groups, primary = {}, {}, {}, {}
         for method, by_seed in per_method.items():
             names = sorted({k for m in by_seed.values() for k in m})
             metrics[method] = {k: _stats([m.get(k) for m in by_seed.values()]) for k in names}
@@ -85,12 +109,15 @@ def summarize(records: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
             gains[method] = {k: _stats([by_seed[s][k] - adam[s][k] for s in by_seed
                                         if s in adam and k in by_seed[s] and k in adam[s]]) for k in acc_keys}
             groups[method] = {g: _stats(_group_gain(by_seed, adam, keys)) for g, keys in _groups(acc_keys).items()}
-        out[model] = {"metrics": metrics, "gains_over_adam": gains, "group_gains_over_adam": groups}
+            primary[method] = {name: _stats(_group_gain(by_seed, adam, list(keys)))
+                               for name, keys in PRIMARY_SCORES.items()}
+        out[model] = {"metrics": metrics, "gains_over_adam": gains, "group_gains_over_adam": groups,
+                      "primary_scores": primary}
     return out
 
 
 def _is_accuracy(key: str) -> bool:
-    return key == "float" or key.startswith(("sparsity:", "channels:", "W", "ort:")) and (
+    return key == "float" or key.startswith(("sparsity:", "channels:", "wanda:", "W", "ort:")) and (
         not key.startswith("ort:") or key.endswith(":accuracy"))
 
 
@@ -98,6 +125,7 @@ def _groups(keys: Sequence[str]) -> dict[str, list[str]]:
     """The settings averaged in the verdict: unstructured pruning, channel pruning, low-bit quantization."""
     return {
         "unstructured pruning": [k for k in keys if k.startswith("sparsity:")],
+        "activation-aware pruning": [k for k in keys if k.startswith("wanda:")],
         "channel pruning": [k for k in keys if k.startswith("channels:")],
         "quantization (<= 6 bits)": [k for k in keys if re.fullmatch(r"W[2-6]", k) or re.fullmatch(r"W[2-6]A\d+", k)],
     }
