@@ -169,3 +169,27 @@ def test_plot_landscape_writes_png(tmp_path):
     curves = {"a": {"alphas": [-1, 0, 1], "losses": [2, 1, 2]}, "b": {"alphas": [-1, 0, 1], "losses": [3, 1, 3]}}
     sh.plot_landscape(curves, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weight_statistics_match_their_definitions():
+    """Gaussian weights: kurtosis ~0; uniform: -1.2 and crest sqrt(3); zeros at W4 = what the 4-bit quantizer zeroes."""
+    import sntfx
+    from sntfx.quant import fake_quant_weight
+    from sntfx.weight_stats import weight_statistics
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 256, 3), nn.Flatten(), nn.Linear(256 * 4, 512))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(model[0].weight.shape, generator=gen))
+        model[2].weight.uniform_(-1, 1, generator=gen)
+    gm = sntfx.trace(model, torch.zeros(1, 16, 4, 4))
+    stats = weight_statistics(gm)
+    conv_k = float(((model[0].weight - model[0].weight.mean()) ** 4).mean() / model[0].weight.var(unbiased=False) ** 2 - 3)
+    assert abs(conv_k) < 0.1 and stats["kurtosis"] == pytest.approx((conv_k - 1.2) / 2, abs=0.02)
+    crests = [r.abs().max() / r.square().mean().sqrt() for m in (model[0], model[2])
+              for r in m.weight.detach().reshape(m.weight.shape[0], -1)]
+    assert stats["crest_factor"] == pytest.approx(float(torch.stack(crests).mean()), rel=1e-6)
+    assert float(torch.stack(crests[256:]).mean()) == pytest.approx(math.sqrt(3), rel=0.02)  # uniform rows
+    zeros = sum(int((fake_quant_weight(m.weight, 4) == 0).sum()) for m in (model[0], model[2]))
+    total = model[0].weight.numel() + model[2].weight.numel()
+    assert stats["zero_at_w4"] == pytest.approx(zeros / total, abs=1e-4)

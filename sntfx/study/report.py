@@ -199,10 +199,16 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
     setting_table("Accuracy (%) under post-training quantization (per-channel weights, min-max activations)",
                   _bit_keys(metrics), lambda k: k)
 
-    lines += ["### Sharpness of the folded models (training loss, fixed batches)", ""]
+    lines += ["### Mechanism: sharpness and weight distribution of the folded models", ""]
     rows = [[m] + [_num(metrics[m].get(f"sharpness:{k}"), "{:.4g}") for k in
-                   ("top_eigenvalue", "hessian_trace", "sam_sharpness", "loss")] for m in methods]
-    lines += _table(["method", "top eigenvalue", "Hessian trace", "SAM sharpness (ρ)", "loss"], rows)
+                   ("top_eigenvalue", "hessian_trace", "sam_sharpness", "loss")]
+            + [_num(metrics[m].get(f"weights:{k}"), fmt) for k, fmt in
+               (("kurtosis", "{:.3g}"), ("crest_factor", "{:.3g}"), ("zero_at_w4", "{:.3f}"))] for m in methods]
+    lines += _table(["method", "top eigenvalue", "Hessian trace", "SAM sharpness (ρ)", "loss", "weight kurtosis",
+                     "crest factor", "zero at W4"], rows)
+    lines += ["Sharpness: of the training loss on fixed training batches. Weights: BatchNorm folded into the layers "
+              "(the deployed form); excess kurtosis per layer and per-channel crest factor (max |w| / rms), averaged; "
+              "zero at W4: fraction of weights that per-channel 4-bit rounding sets to zero.", ""]
 
     lines += ["### Training cost", ""]
     rows = []

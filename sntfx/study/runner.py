@@ -76,6 +76,10 @@ STAGE_KEYS = {
 ABSENT = {"val_images": 0, "evaluate_on": "test"}
 
 
+# What a stage computes, when it grows: a stored result of an older version is redone on resume.
+STAGE_VERSION = {"evaluate": 2}  # 2: weight statistics (kurtosis, crest factor, zeros at W4)
+
+
 def _recorded(config: dict[str, Any], keys) -> dict[str, Any]:
     return {k: config[k] for k in keys if not (k in ABSENT and config[k] == ABSENT[k])}
 
@@ -151,7 +155,10 @@ class Study:
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings a stage's result depends on beyond training; a change redoes that stage only."""
         c = self.config.to_dict()
-        return _recorded(c, STAGE_KEYS.get(stage, ()))
+        settings = _recorded(c, STAGE_KEYS.get(stage, ()))
+        if stage in STAGE_VERSION:
+            settings["stage_version"] = STAGE_VERSION[stage]
+        return settings
 
     def train_config(self, run: Run):
         from ..train import TrainConfig
@@ -376,6 +383,7 @@ class Study:
     def _evaluate(self, run: Run, tick) -> dict:
         from ..compress import accuracy
         from ..sharpness import batch_loss_fn, landscape, measure
+        from ..weight_stats import weight_statistics
 
         c = self.config
         gm = self._load(run)
@@ -386,7 +394,7 @@ class Study:
         tick(0.8)
         curve = landscape(gm, batch_loss_fn(gm, batches[:2]), steps=c.landscape_steps, span=1.0, seed=0)
         return {"float_accuracy": acc, "test_images": len(self.eval_data.test), "split": c.evaluate_on,
-                "sharpness": sharp, "landscape": curve}
+                "sharpness": sharp, "landscape": curve, "weights": weight_statistics(gm)}
 
     def _sweep(self, run: Run, tick) -> dict:
         from ..compress import sweep

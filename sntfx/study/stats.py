@@ -31,6 +31,8 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
         m["float"] = ev["float_accuracy"]
         for k in ("top_eigenvalue", "hessian_trace", "sam_sharpness", "loss"):
             m[f"sharpness:{k}"] = ev["sharpness"][k]
+        for k, v in (ev.get("weights") or {}).items():
+            m[f"weights:{k}"] = v
     if sw:
         m["sweep:float"] = sw["float"]
         for s, acc in sw["sparsity"].items():
