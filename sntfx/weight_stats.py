@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import statistics
 
-import torch
 import torch.fx as fx
 
 from .compress_utils import prunable_layers
