@@ -34,9 +34,9 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
