@@ -82,6 +82,8 @@ def ort_session(path: str | Path, providers=("CPUExecutionProvider",), *, profil
     """An ONNX Runtime session for ``path`` with ORT's own logging quiet; a bad file is an :class:`ExportError`."""
     import onnxruntime as ort
 
+    # ONNX Runtime's own log (provider probing, graph warnings) stays quiet unless sntfx runs with -v.
+    ort.set_default_logger_severity(2 if log.isEnabledFor(logging.INFO) else 3)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if profile_prefix:

@@ -26,7 +26,8 @@ import numpy as np
 
 from .onnx_export import ExportError, ort_session
 
-__all__ = ["BenchResult", "bench_onnx", "resolve_providers", "PROVIDERS", "onnx_accuracy", "check_onnx_model"]
+__all__ = ["BenchResult", "bench_onnx", "resolve_providers", "PROVIDERS", "onnx_accuracy", "check_onnx_model",
+           "gpu_present"]
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,42 @@ def _preload_gpu_libraries() -> None:
         log.debug("onnxruntime.preload_dlls() failed: %s", exc)
 
 
+def gpu_present() -> bool:
+    """Whether this machine has a CUDA device (torch's view; ONNX Runtime's GPU build lists its GPU providers
+    whether or not there is one)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no usable torch CUDA: no GPU as far as we can tell
+        return False
+
+
+def tensorrt_present() -> bool:
+    """Whether TensorRT's runtime can be found (without it, the TensorRT provider fails to load, noisily)."""
+    import ctypes.util
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None or ctypes.util.find_library("nvinfer") is not None
+
+
 def resolve_providers(provider: str) -> list[str]:
-    """Provider list for a session: the requested one first, the CPU as the last resort."""
+    """Provider list for a session: the requested one first, the CPU as the last resort.
+
+    ``auto`` means the hardware present: TensorRT (when its runtime is
+    installed) and CUDA on a machine with a CUDA device, the CPU otherwise;
+    nothing that cannot run here is tried.
+    """
     import onnxruntime as ort
 
+    if provider == "auto" and not gpu_present():
+        return [PROVIDERS["cpu"]]
     if provider in ("auto", "cuda", "tensorrt"):
         _preload_gpu_libraries()
     available = ort.get_available_providers()
     if provider == "auto":
-        chosen = [p for p in (PROVIDERS["tensorrt"], PROVIDERS["cuda"]) if p in available]
+        wanted = [PROVIDERS["tensorrt"]] if tensorrt_present() else []
+        chosen = [p for p in (*wanted, PROVIDERS["cuda"]) if p in available]
     elif provider in PROVIDERS:
         chosen = [PROVIDERS[provider]] if provider != "cpu" else []
     else:

@@ -184,3 +184,39 @@ def test_asking_for_cuda_on_a_cpu_machine_warns_and_reports_cpu(tmp_path, caplog
     assert any("CPU" in w for w in result.warnings)
     assert "runs the whole session on the CPU" in caplog.text
     assert result.node_providers.get("CPUExecutionProvider", 0) > 0
+
+
+def test_auto_provider_means_the_hardware_present(monkeypatch):
+    """auto: the CPU alone without a GPU (nothing tried that cannot run); CUDA, plus TensorRT only when installed."""
+    from exporters import ort_bench
+
+    monkeypatch.setattr(ort_bench, "gpu_present", lambda: False)
+    assert ort_bench.resolve_providers("auto") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort_bench, "gpu_present", lambda: True)
+    monkeypatch.setattr(ort_bench, "_preload_gpu_libraries", lambda: None)
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_bench, "tensorrt_present", lambda: False)
+    assert ort_bench.resolve_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort_bench, "tensorrt_present", lambda: True)
+    assert ort_bench.resolve_providers("auto")[0] == "TensorrtExecutionProvider"
+
+
+def test_bench_with_auto_on_this_machine_is_quiet_and_not_a_fallback(tmp_path):
+    """The default provider prints no ONNX Runtime provider errors and reports no fallback where none was asked."""
+    import json
+    import subprocess
+    import sys
+
+    x = torch.randn(1, 3, 32, 32)
+    export_onnx(_folded(sntfx.build_model("sntfx:resnet20"), x, "branch"), tmp_path / "m.onnx", x)
+    res = subprocess.run([sys.executable, "-m", "sntfx", "bench", str(tmp_path / "m.onnx"), "--iters", "2",
+                          "--warmup", "1", "--batch-sizes", "1", "--out", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    (row,) = json.loads((tmp_path / "b.json").read_text())
+    if not torch.cuda.is_available():
+        assert row["provider"] == "CPUExecutionProvider" and not row["fallback"] and row["warnings"] == []
+    noise = [line for line in res.stderr.splitlines() if "onnxruntime" in line.lower() or "EP Error" in line
+             or "TensorRT" in line or "[E:" in line or "[W:" in line]
+    assert noise == [], noise

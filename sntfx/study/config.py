@@ -145,7 +145,7 @@ class StudyConfig:
     onnx: bool = True
     bench_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     bench_iters: int = 30
-    provider: str = "auto"  # ONNX Runtime: auto (CUDA when torch sees a GPU, else CPU) | tensorrt | cuda | cpu
+    provider: str = "auto"  # ONNX Runtime: auto (the hardware present: CUDA, with TensorRT when installed, on a GPU machine; else the CPU) | tensorrt | cuda | cpu
     device: str = "auto"
     preset: str | None = None
 

@@ -431,7 +431,7 @@ class Study:
             out["int8"] = {"error": f"{type(exc).__name__}: {exc}"}
         tick(0.3)
         limit = c.eval_images
-        provider = c.provider if c.provider != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        provider = c.provider  # auto: the hardware present (exporters.resolve_providers), as in `sntfx bench`
         for kind, path in (("fp32", fp32), ("int8", int8)):
             if "error" in out[kind]:
                 continue
