@@ -61,7 +61,8 @@ __all__ = ["TrainConfig", "TrainResult", "Trainer", "TrainCallback", "evaluate",
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adam", "sgd", "sam")
+BASE_OPTIMIZERS = ("adam", "adamw", "sgd")  # what SAM can wrap; adamw: decoupled weight decay (timm's default)
+OPTIMIZERS = (*BASE_OPTIMIZERS, "sam")
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -71,9 +72,9 @@ class TrainConfig:
 
     epochs: int = 10
     batch_size: int = 128  # global batch, split across ranks
-    optimizer: str = "adam"  # adam | sgd | sam
-    sam_base: str = "adam"  # the optimizer SAM wraps: adam | sgd
-    lr: float | None = None  # default: 1e-3 for adam, 0.1 for sgd
+    optimizer: str = "adam"  # adam | adamw | sgd | sam
+    sam_base: str = "adam"  # the optimizer SAM wraps: adam | adamw | sgd
+    lr: float | None = None  # default: 1e-3 for adam and adamw, 0.1 for sgd
     momentum: float = 0.9
     weight_decay: float = 0.0
     rho: float = 0.05
@@ -96,8 +97,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise SntfxError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
-        if self.sam_base not in ("adam", "sgd"):
-            raise SntfxError(f"SAM wraps adam or sgd, not '{self.sam_base}'")
+        if self.sam_base not in BASE_OPTIMIZERS:
+            raise SntfxError(f"SAM wraps {', '.join(BASE_OPTIMIZERS)}, not '{self.sam_base}'")
         if self.schedule not in SCHEDULES:
             raise SntfxError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -112,7 +113,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-3 if self.base_optimizer == "adam" else 0.1)
+        return self.lr if self.lr is not None else (0.1 if self.base_optimizer == "sgd" else 1e-3)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -371,6 +372,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if c.base_optimizer == "adam":
             base = torch.optim.Adam(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        elif c.base_optimizer == "adamw":
+            base = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
         else:
             base = torch.optim.SGD(params, lr=c.learning_rate, momentum=c.momentum, weight_decay=c.weight_decay,
                                    nesterov=c.momentum > 0)

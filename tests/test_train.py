@@ -188,3 +188,21 @@ def test_cli_train_then_sharpness(tmp_path):
     payload = json.loads((tmp_path / "s.json").read_text())
     assert payload["results"]["m"]["top_eigenvalue"] > 0
     assert Path(payload["plots"][0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_adamw_is_decoupled_weight_decay_and_sam_can_wrap_it(tmp_path):
+    """adamw decays weights by lr * wd outside the adaptive step (torch.optim.AdamW); SAM wraps it like the others."""
+    from sntfx.sam import SAM
+    from sntfx.train import TrainConfig, Trainer
+
+    model = torch.nn.Linear(4, 3)
+    opt = Trainer(TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1))._optimizer(model)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.1
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.zeros_like(model.weight)  # no gradient: only the decay moves the weights
+    model.bias.grad = torch.zeros_like(model.bias)
+    opt.step()
+    assert torch.allclose(model.weight, before * (1 - 1e-2 * 0.1))
+    sam = Trainer(TrainConfig(optimizer="sam", sam_base="adamw"))._optimizer(model)
+    assert isinstance(sam, SAM) and isinstance(sam.base, torch.optim.AdamW)
+    assert TrainConfig(optimizer="adamw").learning_rate == 1e-3

@@ -27,7 +27,8 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=POSITIVE, default=None)
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=None, help="Base optimizer (SAM wraps it).")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=None,
+              help="Base optimizer of every method (SAM wraps it) [adam].")
 @click.option("--weight-decay", type=NON_NEGATIVE, default=None)
 @click.option("--rho", type=POSITIVE, default=None, help="SAM radius.")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="SNT expansion ratio (default 4).")

@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
+from ..train import BASE_OPTIMIZERS, OPTIMIZERS
 from .app import cli, console
 from .console import TrainProgress, train_progress
 from .options import (
@@ -30,11 +31,13 @@ from .options import (
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd", "sam"]), default="adam", show_default=True)
-@click.option("--sam-base", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True, help="Optimizer SAM wraps.")
+@click.option("--optimizer", type=click.Choice(list(OPTIMIZERS)), default="adam", show_default=True,
+              help="adamw: decoupled weight decay (--weight-decay), the default of timm and Hugging Face.")
+@click.option("--sam-base", type=click.Choice(list(BASE_OPTIMIZERS)), default="adam", show_default=True,
+              help="Optimizer SAM wraps.")
 @click.option("--rho", type=POSITIVE, default=0.05, show_default=True, help="SAM neighbourhood radius.")
 @click.option("--adaptive", is_flag=True, help="Adaptive SAM (ASAM).")
-@click.option("--lr", type=POSITIVE, default=None, help="Learning rate [1e-3 adam, 0.1 sgd].")
+@click.option("--lr", type=POSITIVE, default=None, help="Learning rate [1e-3 adam/adamw, 0.1 sgd].")
 @click.option("--weight-decay", type=NON_NEGATIVE, default=0.0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Global batch size.")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "constant"]), default="cosine", show_default=True)

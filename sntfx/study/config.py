@@ -121,7 +121,7 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 5
     batch_size: int = 128
-    optimizer: str = "adam"  # the base optimizer: adam | sgd (SAM wraps it)
+    optimizer: str = "adam"  # the base optimizer: adam | adamw | sgd (SAM wraps it)
     lr: float | None = None
     weight_decay: float = 0.0
     rho: float = 0.05
@@ -157,8 +157,8 @@ class StudyConfig:
         self.seeds = parse_seeds(self.seeds)
         if self.epochs < 1 or self.batch_size < 1:
             raise SntfxError("--epochs and --batch-size must be at least 1")
-        if self.optimizer not in ("adam", "sgd"):
-            raise SntfxError(f"--optimizer must be adam or sgd (SAM is a method), not '{self.optimizer}'")
+        if self.optimizer not in ("adam", "adamw", "sgd"):
+            raise SntfxError(f"--optimizer must be adam, adamw or sgd (SAM is a method), not '{self.optimizer}'")
         from ..compress import check_sweep_settings
 
         check_sweep_settings(sparsities=self.sparsities, channel_sparsities=self.channel_sparsities, bits=self.bits,
