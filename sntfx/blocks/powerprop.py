@@ -1,0 +1,78 @@
+"""``powerprop``: Powerpropagation, an elementwise reparameterization ``W = v |v|^(alpha - 1)`` (alpha = 2).
+
+Schwarz et al. (2021): training ``v`` instead of ``W`` scales each weight's
+gradient by ``alpha |v|^(alpha - 1)``, so weights near zero barely move and
+large ones grow: a "rich get richer" dynamic that leaves many weights close
+to zero, which magnitude pruning then removes cheaply. The block holds ``v``
+(the layer's shape) and the layer's bias; every forward composes ``W`` (one
+elementwise power) and runs the original layer's operation, so it always
+trains at about a plain layer's cost, and folding gives ``W`` exactly.
+``preserve`` sets ``v = sign(W) |W|^(1 / alpha)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import LayerConfig, SNTBlock, _uniform_
+from .registry import register_style
+
+__all__ = ["PowerPropagation", "ALPHA"]
+
+ALPHA = 2.0
+
+
+@register_style("powerprop", label=f"Powerpropagation, W = v|v|^{ALPHA - 1:g} (elementwise)", trains_online=True,
+                bias_sink=False, step_cost=1.0)
+class PowerPropagation(SNTBlock):
+    """``W = v |v|^(alpha - 1)`` per weight (see the module docstring)."""
+
+    style = "powerprop"
+
+    def __init__(self, config: LayerConfig, alpha: float = ALPHA):
+        super().__init__(config)
+        self.alpha = float(alpha)
+        self.v = nn.Parameter(torch.empty(config.weight_shape()))
+        self.bias = nn.Parameter(torch.zeros(config.out_features)) if config.bias else None
+
+    def _set_weight(self, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.v.copy_(torch.sign(w) * w.abs().pow(1.0 / self.alpha))
+
+    def reset_parameters(self, gen: torch.Generator) -> None:
+        """``W`` starts at PyTorch's default init (uniform in +-1/sqrt(fan_in)); ``v`` is its root."""
+        c = self.config
+        w = _uniform_(torch.empty(c.weight_shape(), dtype=torch.float64), c.default_fan_in(), gen)
+        self._set_weight(w)
+        if self.bias is not None:
+            _uniform_(self.bias, c.default_fan_in(), gen)
+
+    def preserve(self, layer: nn.Module, gen: torch.Generator) -> None:
+        self._set_weight(layer.weight.detach().double())
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(layer.bias.detach())
+
+    def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        v = self.v if dtype is None else self.v.to(dtype)
+        return v * v.abs().pow(self.alpha - 1.0)
+
+    def folded_weight_bias(self):
+        bias = None if self.bias is None else self.bias.detach().double()
+        return self.composed_weight(torch.float64).detach(), bias
+
+    def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.config.apply(x, self.composed_weight(), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_composed(x)  # explicit and composed are the same single operation
+
+    def macs(self, in_shape, out_shape) -> int:
+        c = self.config
+        return math.prod(out_shape) * (c.in_features // c.groups) * c.ktaps
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, alpha={self.alpha:g}"
