@@ -255,8 +255,10 @@ def _split_sentence(cfg: dict, data: dict) -> str:
              "was not read)") if on_val else "test images"
     held = (f" Training reported its per-epoch accuracy on {data['val_images']:,} held-out validation images."
             if data.get("val_images") and not on_val else "")
-    return (f"Accuracies are top-1 on {min(total, cfg.get('eval_images') or total):,} {where} (float accuracy on all "
-            f"of them), in %; ± is the standard deviation over seeds.{held}")
+    swept = min(total, cfg.get("eval_images") or total)
+    float_on = f"; float accuracy on all {total:,}" if swept < total else ""
+    return (f"Accuracies are top-1 on {swept:,} {where}{float_on}, in %; ± is the standard deviation over seeds, "
+            f"[a, b] a 95% confidence interval.{held}")
 
 
 def write_report(results: dict[str, Any], out: str | Path) -> Path:
