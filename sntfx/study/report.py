@@ -324,6 +324,9 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
     methods = _methods(summary)
     prefix = slug(model)
     paths: dict[str, Path] = {}
+    data = results["dataset"]
+    measured = "validation" if data.get("evaluated_on") == "val" else "test"
+    curve = "validation" if data.get("val_images") else "test"
 
     def emit(name: str, fig) -> None:
         fig.tight_layout()
@@ -339,7 +342,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
         for m in methods:
             _band(ax, xs, [_uncompressed(metrics[m])] + [metrics[m].get(k) for k in keys], m)
         ax.set_xlabel("sparsity")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(f"{measured} accuracy (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -357,7 +360,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
     ax.set_xticklabels(["fp32"] + [str(x) for x in xs[1:]])
     ax.invert_xaxis()
     ax.set_xlabel("weight bits (per-channel PTQ)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{measured} accuracy (%)")
     ax.set_title(f"{model}: accuracy under quantization")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -399,7 +402,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
     ax.legend(fontsize=8)
     emit("landscape", fig)
 
-    # training curves: train loss and test accuracy per epoch
+    # training curves: train loss and held-out accuracy per epoch (validation when there is a validation split)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for i, m in enumerate(methods):
         hist = [r["train"]["history"] for r in runs if r["method"] == m and "train" in r]
@@ -414,7 +417,7 @@ def draw_plots(model: str, summary: dict, results: dict, plot_dir: Path) -> dict
     from matplotlib.ticker import MaxNLocator
 
     axes[0].set_ylabel("training loss")
-    axes[1].set_ylabel("test accuracy (%)")
+    axes[1].set_ylabel(f"{curve} accuracy (%)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
