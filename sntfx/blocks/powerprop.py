@@ -26,7 +26,7 @@ ALPHA = 2.0
 
 
 @register_style("powerprop", label=f"Powerpropagation, W = v|v|^{ALPHA - 1:g} (elementwise)", trains_online=True,
-                bias_sink=False, step_cost=1.0)
+                bias_sink=False, step_cost=0.99)  # measured: registry.COST_SOURCE
 class PowerPropagation(SNTBlock):
     """``W = v |v|^(alpha - 1)`` per weight (see the module docstring)."""
 

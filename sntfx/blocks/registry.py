@@ -14,8 +14,10 @@ A style declares what the rest of sntfx would otherwise have to guess::
 * ``bias_sink``: for a bias-free layer, the block's norms produce a shift that
   must be moved into a following BatchNorm; the expand pass looks for such a
   sink and passes ``center=`` (whether one was found) to the factory.
-* ``step_cost``: the expected cost of a training step relative to the plain
-  layer (used for progress estimates until a measurement replaces it).
+* ``step_cost``: the cost of a training step relative to Adam on the plain
+  model, as measured by ``benchmarks/bench_train_step.py`` (the built-ins:
+  :data:`COST_SOURCE`); ``sntfx transform`` and its ``--help`` show it, and
+  the study's time-left estimate uses it.
 
 The decorated object is the factory: ``factory(config, **options)`` (plus
 ``center=`` for bias-sink styles) returns the block. Adding a style = one
@@ -33,9 +35,12 @@ from torch import nn
 
 from .base import LayerConfig, SNTBlock
 
-__all__ = ["StyleInfo", "register_style", "get_style", "style_names", "make_block", "OPTIONS"]
+__all__ = ["StyleInfo", "register_style", "get_style", "style_names", "make_block", "OPTIONS", "COST_SOURCE"]
 
 OPTIONS = ("ratio",)  # the per-layer options a style may declare
+
+#: Where the built-in styles' ``step_cost`` figures come from.
+COST_SOURCE = "ResNet-20, batch 128, 2-core CPU: benchmarks/bench_train_step.py"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from ..blocks import get_style, style_names
+from ..blocks.registry import COST_SOURCE
 from ..errors import SntfxError
 from ..pipelines import DEFAULT_RATIO, DEFAULT_STYLE
 from .app import cli, console
@@ -15,13 +16,19 @@ from .console import fmt_int, print_pass_report
 from .options import TEXT, inputs_for, model_spec, only_with, trust_options
 
 
+def style_cost(name: str) -> str:
+    """How a style trains and what a step costs, as the registry records it (benchmarks/bench_train_step.py)."""
+    info = get_style(name)
+    mode = "trains online" if info.trains_online else "trains in explicit form"
+    return f"{mode}, about {info.step_cost:.2g}x an Adam step ({COST_SOURCE})"
+
+
 @cli.command()
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--style", type=click.Choice(style_names()), default=None,
-              help=f"Expansion style [{DEFAULT_STYLE}]: " + "; ".join(f"{n}: {get_style(n).label}, "
-                                                               f"{'trains online' if get_style(n).trains_online else 'trains in explicit form'}"
-                                                               for n in style_names()) + ".")
+              help=f"Expansion style [{DEFAULT_STYLE}]: "
+                   + "; ".join(f"{n}: {get_style(n).label}, {style_cost(n)}" for n in style_names()) + ".")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help=f"Expansion ratio for styles that take one [{DEFAULT_RATIO}].")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32.", type=TEXT)
 @click.option("--entry", default=None, help="Factory name in model.py (default: build_model, model or get_model).", type=TEXT)
@@ -71,6 +78,10 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
             gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True
         )
     print_pass_report(report)
+    from ..blocks import SNTBlock
+
+    for name in sorted({m.style for m in gm.modules() if isinstance(m, SNTBlock)}):
+        console.print(f"{name}: {style_cost(name)}", highlight=False)
     opaque = sntfx_meta(gm).get("opaque_modules", [])
     if opaque:
         console.print(f"[yellow]kept opaque (not traced, not expanded):[/] {', '.join(opaque)}")
