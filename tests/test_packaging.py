@@ -10,14 +10,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _clean_source(tmp_path: Path) -> Path:
+    """The source tree without build outputs: a stale build/ or egg-info would hide a package missing from
+    pyproject.toml (setuptools reuses build/lib)."""
+    import shutil
+
+    dest = tmp_path / "src"
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "demo-results",
+        "bench-results", "results"))
+    return dest
+
+
+def _expected_files() -> set[str]:
+    """Every module of the source tree, as the wheel must name it."""
+    names = {f"sntfx/{f.relative_to(ROOT / 'sntfx').as_posix()}" for f in (ROOT / "sntfx").rglob("*.py")}
+    for folder in ("passes", "exporters"):
+        names |= {f"sntfx/{folder}/{f.name}" for f in (ROOT / folder).glob("*.py")}
+    return names
+
+
 def test_wheel_contains_only_the_sntfx_package(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"),
+         str(_clean_source(tmp_path))],
         capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stderr
-    wheel = next(tmp_path.glob("sntfx-*.whl"))
+    wheel = next((tmp_path / "w").glob("sntfx-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    missing = sorted(_expected_files() - set(names))
+    assert not missing, f"modules left out of the wheel (add their package to pyproject.toml): {missing}"
     top = {n.split("/")[0] for n in names}
     assert top <= {"sntfx", next(n.split("/")[0] for n in names if ".dist-info/" in n)}, top
     assert "sntfx/passes/snt_expand.py" in names and "sntfx/passes/snt_fold.py" in names
@@ -41,7 +64,8 @@ def test_normal_install_imports_from_site_packages(tmp_path):
     """A non-editable install of the wheel works on its own (no source tree needed)."""
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir),
+         str(_clean_source(tmp_path))],
         check=True, capture_output=True, timeout=600,
     )
     wheel = next(wheel_dir.glob("sntfx-*.whl"))
