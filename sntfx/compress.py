@@ -1,9 +1,10 @@
 """Compression workflows shared by the CLI: apply a pass to a copy, measure accuracy, sweep.
 
 :func:`sweep` measures a folded model's accuracy, without fine-tuning, at each
-unstructured sparsity (global magnitude pruning), each structured channel
-sparsity, and each weight bit width (simulated PTQ, per-channel), plus W8A8
-and W4A8 with activations calibrated on real data.
+unstructured sparsity (global magnitude pruning), each activation-aware
+(Wanda) sparsity or N:M pattern, each structured channel sparsity, each
+weight bit width (simulated PTQ, per-channel), and each weight/activation
+pair (W8A8, W4A8, ...) with activations calibrated on real data.
 """
 
 from __future__ import annotations

@@ -7,16 +7,22 @@ For every model, method and seed the study
    default preserving its function exactly) and trains it with the same data
    order (the sampler and the augmentation are seeded by ``seed`` alone);
 2. folds SNT models back into the original architecture and measures the
-   fold error on real test images;
+   fold error on held-out images (the validation split when there is one);
 3. measures float accuracy, sharpness (top Hessian eigenvalue, Hessian trace,
-   SAM sharpness) and a 1-D loss landscape, all on the folded model and the
-   same fixed training batches;
+   SAM sharpness) and a 1-D loss landscape on the same fixed training
+   batches, and the folded weights' distribution (kurtosis, crest factor);
 4. sweeps compression without fine-tuning (:func:`sntfx.compress.sweep`):
-   global magnitude pruning, structured channel pruning, simulated weight
-   quantization W8..W3, W8A8 and W4A8;
+   global magnitude pruning, activation-aware (Wanda) pruning and N:M with
+   BatchNorm re-estimation, structured channel pruning, simulated weight
+   quantization W8..W3 and W8A8/W6A6/W4A8/W4A4;
 5. exports the float model and a static int8 (QDQ) model to ONNX, verifies
    both against torch and benchmarks them on ONNX Runtime (latency, size,
    accuracy).
+
+With ``val_images`` the training split loses that many images to a
+validation split, training reports its curve on it, and ``evaluate_on``
+says which split steps 3-5 measure: ``val`` for every choice, ``test`` once
+for the chosen configurations (switching keeps the trained runs).
 
 Every stage of every run writes its result as JSON under
 ``OUT/runs/MODEL/METHOD/seedN/`` (training keeps a checkpoint as it goes), so
