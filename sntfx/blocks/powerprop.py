@@ -12,12 +12,10 @@ trains at about a plain layer's cost, and folding gives ``W`` exactly.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .base import LayerConfig, SNTBlock, _uniform_
+from .base import LayerConfig, SNTBlock, _uniform_, layer_macs
 from .registry import register_style
 
 __all__ = ["PowerPropagation", "ALPHA"]
@@ -71,8 +69,7 @@ class PowerPropagation(SNTBlock):
         return self.forward_composed(x)  # explicit and composed are the same single operation
 
     def macs(self, in_shape, out_shape) -> int:
-        c = self.config
-        return math.prod(out_shape) * (c.in_features // c.groups) * c.ktaps
+        return layer_macs(self.config, out_shape)  # one layer's work: the composition is elementwise
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, alpha={self.alpha:g}"
