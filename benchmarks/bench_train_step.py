@@ -77,17 +77,18 @@ def build(model_name: str, variant: str, device: torch.device):
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     if variant == "sam":
-        opt = SAM(model.parameters(), opt)
+        opt = SAM(model.parameters(), opt, model=model)
     return model, opt
 
 
 def step(model, opt, x, y) -> None:
-    if isinstance(opt, SAM):
-        opt.step(model, lambda: F.cross_entropy(model(x), y))
-    else:
+    def closure():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # SAM runs the closure twice
 
 
 def batch_for(model_name: str, device: torch.device, batch: int | None):

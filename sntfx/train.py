@@ -457,6 +457,8 @@ class Trainer:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None) \
             if distributed else model
+        if isinstance(opt, SAM):
+            opt.model = ddp  # buffers restored after the perturbed pass; no_sync() for the first backward
 
         steps_per_epoch, total = sampler.steps, sampler.steps * c.epochs
         for epoch in range(start_epoch, c.epochs):
@@ -483,13 +485,13 @@ class Trainer:
                         logits = out_.detach()
                     return criterion(out_.float(), y)
 
-                if isinstance(opt, SAM):
-                    loss = opt.step(ddp, loss_fn)
-                else:
+                def closure():
                     opt.zero_grad(set_to_none=True)
-                    loss = loss_fn()
-                    loss.backward()
-                    opt.step()
+                    loss_ = loss_fn()
+                    loss_.backward()
+                    return loss_
+
+                loss = opt.step(closure).detach()  # SAM calls the closure twice, at w and at w + e
                 if not torch.isfinite(loss):
                     raise SntfxError(f"training diverged at epoch {epoch + 1}, step {step + 1} (loss {loss.item()}); "
                                      "lower the learning rate")
