@@ -38,15 +38,18 @@ def current_umask() -> int:
     return mask
 
 
-def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
-    """Refuse an output path that is an input or whose folder does not exist."""
+def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,
+                      option: str = "--out") -> Path:
+    """Refuse an output path that is an input or whose folder does not exist (``option`` names it in messages)."""
     out = Path(out)
     for inp in inputs:
         inp = Path(inp)
         if inp.exists() and out.exists() and os.path.samefile(out, inp) or out.resolve() == inp.resolve():
-            raise SntfxError(f"output '{out}' is the input file; choose another --out path (inputs are never overwritten)")
+            raise SntfxError(f"output '{out}' is the input file; choose another {option} path (inputs are never "
+                             "overwritten)")
     if not out.parent.resolve().is_dir():
-        raise SntfxError(f"output folder '{out.parent}' does not exist; create it first or choose another --out path")
+        raise SntfxError(f"output folder '{out.parent}' does not exist; create it first or choose another {option} "
+                         "path")
     if out.is_dir():
         raise SntfxError(f"output '{out}' is a directory; give a file path")
     return out

@@ -1,4 +1,4 @@
-"""Packaging: passes/ and exporters/ install as sntfx.passes and sntfx.exporters only."""
+"""Packaging: passes/ and exporters/ install as sntfx.passes and sntfx.exporters only; torch is a range, not a pin."""
 
 from __future__ import annotations
 
@@ -47,6 +47,39 @@ def test_wheel_contains_only_the_sntfx_package(tmp_path):
     assert "sntfx/exporters/__init__.py" in names
     assert "sntfx/schemas/study-results.schema.json" in names  # the study validates results.json against it
     assert not any(n.startswith(("passes/", "exporters/", "tests/")) for n in names)
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    _check_ranges(requires)
+
+
+TESTED = {"torch": "2.14.1", "torchvision": "0.29.1"}  # what `make install` puts in .venv (constraints.txt)
+
+
+def _check_ranges(requirements: list[str]) -> dict:
+    """torch and torchvision are required as ranges holding the tested versions, never pinned."""
+    from packaging.requirements import Requirement
+
+    found = {r.name: r for r in map(Requirement, requirements) if r.name in TESTED}
+    assert set(found) == set(TESTED), requirements
+    for name, req in found.items():
+        ops = {spec.operator for spec in req.specifier}
+        assert not ops & {"==", "===", "~="}, f"{name} is pinned ({req}): installing sntfx would replace the user's {name}"
+        assert ">=" in ops and "<" in ops, f"{name} needs a lower and an upper bound: {req}"
+        assert req.specifier.contains(TESTED[name]), f"{req} excludes the tested {name} {TESTED[name]}"
+    return found
+
+
+def test_torch_is_a_range_and_the_makefile_pins_the_tested_versions():
+    import re
+    import tomllib
+
+    _check_ranges(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)\s*$", (ROOT / "constraints.txt").read_text(), flags=re.M))
+    assert pins == TESTED, pins
+    makefile = (ROOT / "Makefile").read_text()
+    install = re.search(r"^\$\(STAMP\):(.*)\n((?:\t.*\n)+)", makefile, flags=re.M)
+    assert install and "constraints.txt" in install.group(1), "the .venv must be rebuilt when the pins change"
+    assert re.search(r"pip install .*-c constraints\.txt .*-e '\.\[dev\]'", install.group(2)), install.group(2)
 
 
 def test_installed_import_names(tmp_path):

@@ -139,7 +139,10 @@ def fold(model_file, out, batchnorm, source_file, trust_source):
               help="Quantization-readiness report at BITS-bit weights (folded models).")
 @click.option("--data", "data_name", default=None, help="Real inputs for --quant sensitivities.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False))
-def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
+@click.option("--graph", "graph_out", default=None, type=click.Path(dir_okay=False), metavar="OUT.graphml",
+              help="Also write the traced fx graph as GraphML (networkx): one node per fx node with op, target, "
+                   "module type, shape, dtype, parameters, SNT style and prunable flag; edges for data flow.")
+def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir, graph_out):
     """Show the layers of FILE: expansion, parameters and MACs before/after folding.
 
     FILE is a saved sntfx model, or a model spec (model.py, torchvision:NAME, ...).
@@ -153,6 +156,11 @@ def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
     only_with(["data_dir"], data_name is not None, "--data NAME")
     saved = is_model_file(file)
     only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
+    if graph_out is not None:
+        from ..io import check_output_path
+
+        graph_out = check_output_path(graph_out, inputs_for(file) + ([source_file] if source_file else []),
+                                      option="--graph")
     if saved:
         gm = load(file, model_file=source_file, trust_source=trust_source)
         recipe = read_recipe(file)
@@ -163,6 +171,10 @@ def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir):
 
         gm = trace(file)
         source, pipeline = {"kind": "spec", "name": file}, "(none)"
+    if graph_out is not None:
+        from ..graph_export import write_graphml
+
+        console.print(f"wrote [bold]{write_graphml(gm, graph_out)}[/] (GraphML: one node per fx node)")
     if quant_bits is not None:
         quant_report(gm, quant_bits, data_name, data_dir, file)
         return
