@@ -2,13 +2,14 @@
 
 * :func:`export_onnx` -- torch.export-based exporter with TorchScript fallback,
   checker, optional simplification, verification on ONNX Runtime.
-* :func:`quantize_int8` -- static QDQ quantization (per-channel int8 weights,
-  uint8 activations) calibrated on a dataset.
+* :func:`export_int8` -- the simulated W8A8 model (the ``quantize`` pass, as the
+  sweeps measure it) written as QDQ ONNX; any model quantized by that pass
+  exports in QDQ form (:mod:`.qdq`).
 * :func:`bench_onnx` -- latency/throughput per batch size on TensorRT, CUDA or
   CPU, with provider-fallback detection.
 """
 
-from .int8 import export_int8, quantize_int8
+from .int8 import export_int8
 from .onnx_export import ExportError, ExportReport, compare_arrays, export_onnx, ort_session, verify_onnx
 from .ort_bench import BenchResult, bench_onnx, onnx_accuracy, resolve_providers
 
@@ -18,7 +19,6 @@ __all__ = [
     "compare_arrays",
     "ExportError",
     "ExportReport",
-    "quantize_int8",
     "export_int8",
     "ort_session",
     "bench_onnx",

@@ -1,85 +1,53 @@
-"""Int8 deployment: ONNX Runtime static quantization in QDQ format.
+"""Int8 deployment: the simulated W8A8 model, exported as QDQ ONNX.
 
-``quantize_int8(fp32_path, int8_path, reader)`` pre-processes the float model
-(shape inference and graph optimisation), then quantizes it statically with
-per-channel int8 weights and uint8 activations (QDQ format), calibrated on
-the reader's batches (:class:`sntfx.calibration.CalibrationReader`). On x86
-CPUs uint8 activations run several times faster than int8 ones (VNNI /
-AVX2 u8s8 kernels).
+``export_int8(model, int8_path, dataset, verify_inputs)`` runs the same
+``quantize`` pass the study's sweeps measure (per-channel symmetric int8
+weights, per-tensor uint8 activations calibrated on the dataset's training
+images) and exports the result through :mod:`exporters.qdq`: the ONNX file
+computes exactly what the simulated model computes, so the accuracy a user
+reads in a sweep is the accuracy of the file they ship. On x86 CPUs uint8
+activations run on ONNX Runtime's u8s8 integer kernels (VNNI / AVX2).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["quantize_int8", "export_int8", "CALIBRATION_METHODS"]
+__all__ = ["export_int8", "CALIBRATION_METHODS"]
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: Activation-range calibrations (see :class:`sntfx.quant.ActQuant`).
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader, *, per_channel: bool = True,
-                  method: str = "minmax") -> Path:
-    """Write a QDQ int8 model to ``int8_path`` (not atomically: callers write to a temp dir)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def export_int8(model, int8_path: str | Path, data, verify_inputs: tuple, *, example_inputs: tuple | None = None,
+                calib_batches: int = 16, calib_method: str = "minmax", dynamic_batch: bool = True,
+                min_top1: float = 0.0, wbits: int = 8, abits: int = 8, exclude: tuple[str, ...] = ()
+                ) -> dict[str, Any]:
+    """Quantize the folded ``model`` (W8A8 by default) and write it to ``int8_path`` as verified QDQ ONNX.
 
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method '{method}'; use {', '.join(CALIBRATION_METHODS)}")
-    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-             "entropy": CalibrationMethod.Entropy}[method]
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "preprocessed.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-            source = pre
-        except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation
-            log.warning("quantization pre-processing failed (%s); quantizing the model as exported", exc)
-            source = Path(fp32_path)
-        quantize_static(
-            str(source),
-            str(int8_path),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=calib,
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-        )
-    return Path(int8_path)
-
-
-def export_int8(fp32_path: str | Path, int8_path: str | Path, model, dataset, verify_inputs: tuple, *,
-                calib_batches: int = 16, calib_method: str = "minmax", fixed_batch: int | None = None,
-                min_top1: float = 0.0) -> dict[str, Any]:
-    """Quantize the exported ``fp32_path`` to ``int8_path``, verified against ``model``, written atomically.
-
-    Calibrates on ``calib_batches`` seeded batches of ``dataset`` (its
-    training split), then checks the int8 model's top-1 agreement with
-    ``model`` on ``verify_inputs``: below ``min_top1`` nothing is written and
-    :class:`~exporters.onnx_export.ExportError` is raised. Returns the
-    verification and the calibration settings (what ``sntfx export --int8``
-    reports and the study records).
+    Calibrates on ``calib_batches`` seeded batches of ``data``'s training
+    split (the same images as the sweeps, :func:`sntfx.compress.apply_pass`), exports the quantized model and checks
+    the ONNX file's top-1 agreement with it on ``verify_inputs``: below
+    ``min_top1`` nothing is written and :class:`~exporters.onnx_export.ExportError`
+    is raised. Returns the export report (with ``integer_ops``), the
+    calibration settings and the quantized torch model (``"model"``).
     """
-    from sntfx.calibration import CalibrationReader
+    from sntfx.compress import apply_pass
+    from sntfx.passes import SimulatedQuantize
 
-    from .onnx_export import ExportError, ort_session, verify_onnx
+    from .onnx_export import export_onnx
 
-    int8_path = Path(int8_path)
-    input_name = ort_session(fp32_path).get_inputs()[0].name
-    reader = CalibrationReader(dataset, input_name, batches=calib_batches, fixed_batch=fixed_batch)
-    with tempfile.TemporaryDirectory(dir=int8_path.parent, prefix=".sntfx-int8-") as tmp:
-        tmp_int8 = Path(tmp) / int8_path.name
-        quantize_int8(fp32_path, tmp_int8, reader, method=calib_method)
-        check = verify_onnx(tmp_int8, model, verify_inputs, rtol=float("inf"), min_top1=min_top1)
-        if not check["ok"]:
-            raise ExportError(f"the int8 model disagrees with the float model: {check['reason']}; nothing was "
-                              "written for it (try --calib-method percentile or more --calib-batches)")
-        os.replace(tmp_int8, int8_path)
-    return {"verification": check, "calibration_batches": len(reader), "calibration_method": calib_method}
+    if calib_method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method '{calib_method}'; use {', '.join(CALIBRATION_METHODS)}")
+    p = SimulatedQuantize(wbits=wbits, abits=abits, act_method=calib_method, exclude=exclude)
+    quantized = apply_pass(model, p, data, calib_batches=calib_batches).graph_module
+    example = example_inputs or (verify_inputs[0][:1],)
+    report = export_onnx(quantized, int8_path, example, dynamic_batch=dynamic_batch, verify_inputs=verify_inputs,
+                         min_top1=min_top1)
+    log.info("int8 model %s: %s", int8_path, report.integer_ops)
+    return {"export": report.to_dict(), "verification": report.verification, "calibration_batches": calib_batches,
+            "calibration_method": calib_method, "integer_ops": report.integer_ops, "model": quantized}

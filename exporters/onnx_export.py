@@ -13,6 +13,13 @@
    verification inputs: max absolute and relative error and top-1 agreement.
    A model beyond tolerance is reported as failed and no file is written.
 
+A model quantized by ``sntfx quantize`` (the ``quantize`` pass) is exported
+in QDQ form (:mod:`exporters.qdq`): the file computes what the simulated
+model computes, and ``integer_ops`` reports which operators ONNX Runtime
+runs on integers. It is verified against the simulated model by top-1
+agreement (``quantized_min_top1``): float rounding in a different order can
+move a value across a rounding boundary of the next quantizer.
+
 Everything is written to a temporary file first and renamed at the end.
 """
 
@@ -60,6 +67,8 @@ class ExportReport:
     seconds: float
     verification: dict[str, Any] = field(default_factory=dict)
     fallback_reason: str = ""
+    quantized: bool = False  # exported in QDQ form from a model the quantize pass quantized
+    integer_ops: dict[str, int] = field(default_factory=dict)  # operators ORT runs on integers (quantized only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +216,7 @@ def export_onnx(
     verify_inputs: tuple[torch.Tensor, ...] | None = None,
     rtol: float = 1e-4,
     min_top1: float = 1.0,
+    quantized_min_top1: float = 0.95,
 ) -> ExportReport:
     """Export ``model`` to ``path`` and verify it; see the module docstring.
 
@@ -225,12 +235,18 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise ExportError(f"output folder '{path.parent}' does not exist")
+    from .qdq import integer_ops, is_quantized, qdq_form
+
     model = model.eval()
+    quantized = is_quantized(model)
+    target = qdq_form(model).eval() if quantized else model
+    if quantized:
+        rtol, min_top1 = float("inf"), quantized_min_top1
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".sntfx-export-") as tmp:
             tmp_path = Path(tmp) / path.name
-            exporter, fallback = _export(model, inputs, tmp_path, opset, dynamic_batch)
+            exporter, fallback = _export(target, inputs, tmp_path, opset, dynamic_batch)
             simplified = _simplify(tmp_path) if simplify else False
             try:
                 onnx.checker.check_model(str(tmp_path), full_check=True)
@@ -241,6 +257,7 @@ def export_onnx(
             verification = verify_onnx(tmp_path, model, vin, rtol=rtol, min_top1=min_top1)
             if not verification["ok"]:
                 raise ExportError(f"the ONNX model disagrees with torch: {verification.get('reason')}; nothing was written")
+            int_ops = integer_ops(tmp_path) if quantized else {}
             external = any(p.name != path.name for p in Path(tmp).iterdir())
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
             for p in Path(tmp).iterdir():
@@ -251,7 +268,7 @@ def export_onnx(
         _raise_if_disk_full(exc, path)
         raise
     return ExportReport(str(path), exporter, opset, dynamic_batch, external, simplified, size,
-                        time.perf_counter() - start, verification, fallback)
+                        time.perf_counter() - start, verification, fallback, quantized, int_ops)
 
 
 def _simplify(path: Path) -> bool:

@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import CALIBRATION, check_fraction, prunable_layers, reestimate_batchnorm
+from sntfx.compress_utils import CALIBRATION, check_exclude, check_fraction, reestimate_batchnorm, select_layers
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["MagnitudePrune"]
@@ -31,6 +31,7 @@ class MagnitudePrune(Pass):
         sparsity: fraction of zeros in [0, 1).
         scope: ``global`` (one threshold for all layers) or ``layer``.
         exclude_first / exclude_last: keep the first / last layer dense.
+        exclude: glob patterns over module names to keep dense (e.g. ``["features.0", "*.fc"]``).
         recalibrate_bn: re-estimate BatchNorm statistics on ``ctx.calibration`` afterwards.
     """
 
@@ -38,12 +39,12 @@ class MagnitudePrune(Pass):
     requires = frozenset({Property.FOLDED})
 
     def __init__(self, sparsity: float = 0.5, scope: str = "global", exclude_first: bool = False,
-                 exclude_last: bool = False, recalibrate_bn: bool = False):
+                 exclude_last: bool = False, recalibrate_bn: bool = False, exclude=None):
         self.sparsity = check_fraction(sparsity, "sparsity")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
         self.scope, self.exclude_first, self.exclude_last = scope, bool(exclude_first), bool(exclude_last)
-        self.recalibrate_bn = bool(recalibrate_bn)
+        self.recalibrate_bn, self.exclude = bool(recalibrate_bn), check_exclude(exclude)
 
     @property
     def numerics(self) -> Numerics:
@@ -51,14 +52,17 @@ class MagnitudePrune(Pass):
 
     def params(self):
         return {"sparsity": self.sparsity, "scope": self.scope, "exclude_first": self.exclude_first,
-                "exclude_last": self.exclude_last, "recalibrate_bn": self.recalibrate_bn}
+                "exclude_last": self.exclude_last, "recalibrate_bn": self.recalibrate_bn, "exclude": list(self.exclude)}
 
     def check(self, ctx: PassContext) -> str | None:
         return CALIBRATION if self.recalibrate_bn and not ctx.calibration else None
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
+        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
+                                         exclude_last=self.exclude_last)
         stats: Counter = Counter()
+        if excluded:
+            stats["excluded layers"] = len(excluded)
         if not layers or self.sparsity == 0:
             return PassResult(gm, False, stats)
         with torch.no_grad():
@@ -72,7 +76,8 @@ class MagnitudePrune(Pass):
         stats["layers"] = len(layers)
         if self.recalibrate_bn:
             stats["batchnorms re-estimated"] = reestimate_batchnorm(gm, ctx.calibration)
-        info = {"sparsity": zeros / total, "layers": {n: float((m.weight == 0).float().mean()) for n, m in layers}}
+        info = {"sparsity": zeros / total, "layers": {n: float((m.weight == 0).float().mean()) for n, m in layers},
+                "excluded": excluded}
         return PassResult(gm, stats["zeroed"] > 0, stats, info)
 
     def replay(self, gm, ctx: PassContext) -> PassResult:

@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import CALIBRATION, nm_mask, prunable_layers, reestimate_batchnorm
+from sntfx.compress_utils import CALIBRATION, check_exclude, nm_mask, reestimate_batchnorm, select_layers
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["NMPrune", "nm_groups"]
@@ -37,12 +37,12 @@ class NMPrune(Pass):
     requires = frozenset({Property.FOLDED})
 
     def __init__(self, n: int = 2, m: int = 4, exclude_first: bool = False, exclude_last: bool = False,
-                 recalibrate_bn: bool = False):
+                 recalibrate_bn: bool = False, exclude=None):
         if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 2 or n >= m:
             raise ValueError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
         self.n, self.m = n, m
         self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
-        self.recalibrate_bn = bool(recalibrate_bn)
+        self.recalibrate_bn, self.exclude = bool(recalibrate_bn), check_exclude(exclude)
 
     @staticmethod
     def parse_pattern(text: str) -> tuple[int, int]:
@@ -61,14 +61,18 @@ class NMPrune(Pass):
 
     def params(self):
         return {"n": self.n, "m": self.m, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last,
-                "recalibrate_bn": self.recalibrate_bn}
+                "recalibrate_bn": self.recalibrate_bn, "exclude": list(self.exclude)}
 
     def check(self, ctx: PassContext) -> str | None:
         return CALIBRATION if self.recalibrate_bn and not ctx.calibration else None
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        for name, layer in prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last):
+        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
+                                         exclude_last=self.exclude_last)
+        if excluded:
+            stats["excluded layers"] = len(excluded)
+        for name, layer in layers:
             in_per_group = layer.weight.shape[1]
             if in_per_group % self.m:
                 stats[f"skip: in-channels not divisible by {self.m}"] += 1
@@ -78,7 +82,7 @@ class NMPrune(Pass):
             stats["pruned layers"] += 1
         if self.recalibrate_bn:
             stats["batchnorms re-estimated"] = reestimate_batchnorm(gm, ctx.calibration)
-        return PassResult(gm, stats["pruned layers"] > 0, stats)
+        return PassResult(gm, stats["pruned layers"] > 0, stats, {"excluded": excluded})
 
     def replay(self, gm, ctx: PassContext) -> PassResult:
         """Pruning changes only weights, which a rebuilt model loads from its file: nothing to redo."""

@@ -23,7 +23,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from sntfx.compress_utils import CALIBRATION, check_fraction, prunable_layers, reestimate_batchnorm
+from sntfx.compress_utils import (CALIBRATION, check_exclude, check_fraction, prunable_layers, reestimate_batchnorm,
+                                  select_layers)
 from sntfx.errors import SntfxError
 from sntfx.graph_utils import count_parameters
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
@@ -56,7 +57,7 @@ class StructuredPrune(Pass):
 
     def __init__(self, sparsity: float = 0.3, importance: str = "magnitude", round_to: int | None = None,
                  global_pruning: bool = False, exclude_first: bool = False, shapes: dict | None = None,
-                 recalibrate_bn: bool = False):
+                 recalibrate_bn: bool = False, exclude=None):
         self.sparsity = check_fraction(sparsity, "channel sparsity")
         if importance not in IMPORTANCES:
             raise ValueError(f"unknown importance '{importance}'; use {', '.join(IMPORTANCES)}")
@@ -64,7 +65,7 @@ class StructuredPrune(Pass):
             raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
         self.importance, self.round_to, self.global_pruning = importance, round_to, bool(global_pruning)
         self.exclude_first, self.shapes = bool(exclude_first), shapes
-        self.recalibrate_bn = bool(recalibrate_bn)
+        self.recalibrate_bn, self.exclude = bool(recalibrate_bn), check_exclude(exclude)
 
     @property
     def numerics(self) -> Numerics:
@@ -73,7 +74,7 @@ class StructuredPrune(Pass):
     def params(self):
         return {"sparsity": self.sparsity, "importance": self.importance, "round_to": self.round_to,
                 "global_pruning": self.global_pruning, "exclude_first": self.exclude_first, "shapes": self.shapes,
-                "recalibrate_bn": self.recalibrate_bn}
+                "recalibrate_bn": self.recalibrate_bn, "exclude": list(self.exclude)}
 
     def check(self, ctx: PassContext) -> str | None:
         if not ctx.example_inputs:
@@ -95,9 +96,12 @@ class StructuredPrune(Pass):
         import torch_pruning as tp
 
         before = count_parameters(gm)
-        self._prune(gm, tuple(ctx.example_inputs), ctx, tp)
+        excluded = self._prune(gm, tuple(ctx.example_inputs), ctx, tp)
         self.shapes = {k: list(v.shape) for k, v in gm.state_dict().items()}
         result = self._result(gm, ctx, before, modified=None)
+        if excluded:
+            result.stats["excluded layers"] = len(excluded)
+            result.info["excluded"] = excluded
         if self.recalibrate_bn:
             result.stats["batchnorms re-estimated"] = reestimate_batchnorm(gm, ctx.calibration)
         return result
@@ -116,11 +120,15 @@ class StructuredPrune(Pass):
                 "channels": {n: int(m.weight.shape[0]) for n, m in prunable_layers(gm)}}
         return PassResult(gm, after != before if modified is None else modified, stats, info)
 
-    def _prune(self, gm, inputs, ctx, tp) -> None:
+    def _prune(self, gm, inputs, ctx, tp) -> list[str]:
         layers = prunable_layers(gm)
         ignored = [layers[-1][1]] if layers else []  # the classifier keeps its outputs
         if self.exclude_first and layers:
             ignored.append(layers[0][1])
+        excluded: list[str] = []
+        if self.exclude:  # Torch-Pruning's ignored_layers keep their output channels
+            _, excluded = select_layers(gm, exclude=self.exclude)
+            ignored += [gm.get_submodule(n) for n in excluded]
         if self.importance == "magnitude":
             imp = tp.importance.GroupMagnitudeImportance(p=2)
         elif self.importance == "lamp":
@@ -137,6 +145,7 @@ class StructuredPrune(Pass):
                 F.cross_entropy(gm(x), y).backward()
         pruner.step()
         gm.zero_grad(set_to_none=True)
+        return excluded
 
     def _prune_to(self, gm, inputs, shapes: dict) -> None:
         """Prune trailing channels until every parameter has its recorded shape."""

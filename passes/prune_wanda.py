@@ -27,8 +27,8 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import (CALIBRATION, check_fraction, input_feature_norms, keep_top, nm_mask, prunable_layers,
-                                  reestimate_batchnorm)
+from sntfx.compress_utils import (CALIBRATION, check_exclude, check_fraction, input_feature_norms, keep_top, nm_mask,
+                                  reestimate_batchnorm, select_layers)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["WandaPrune"]
@@ -43,6 +43,7 @@ class WandaPrune(Pass):
         scope: ``row`` (per output channel, Wanda) or ``layer``.
         recalibrate_bn: re-estimate BatchNorm statistics after pruning.
         exclude_first / exclude_last: keep the first / last layer dense.
+        exclude: glob patterns over module names to keep dense (e.g. ``["features.0"]``).
     """
 
     name = "prune_wanda"
@@ -50,7 +51,7 @@ class WandaPrune(Pass):
     needs_eval = True
 
     def __init__(self, sparsity: float | None = None, pattern: str | None = None, scope: str = "row",
-                 recalibrate_bn: bool = False, exclude_first: bool = False, exclude_last: bool = False):
+                 recalibrate_bn: bool = False, exclude_first: bool = False, exclude_last: bool = False, exclude=None):
         if pattern is not None:
             from .prune_nm import NMPrune
 
@@ -67,6 +68,7 @@ class WandaPrune(Pass):
         self.pattern = None if pattern is None else f"{self.n}:{self.m}"
         self.scope, self.recalibrate_bn = scope, bool(recalibrate_bn)
         self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
+        self.exclude = check_exclude(exclude)
 
     @property
     def numerics(self) -> Numerics:
@@ -75,16 +77,19 @@ class WandaPrune(Pass):
     def params(self):
         return {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope,
                 "recalibrate_bn": self.recalibrate_bn, "exclude_first": self.exclude_first,
-                "exclude_last": self.exclude_last}
+                "exclude_last": self.exclude_last, "exclude": list(self.exclude)}
 
     def check(self, ctx: PassContext) -> str | None:
         return None if ctx.calibration else CALIBRATION
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
+        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
+                                         exclude_last=self.exclude_last)
         stats: Counter = Counter()
+        if excluded:
+            stats["excluded layers"] = len(excluded)
         norms = input_feature_norms(gm, layers, ctx.calibration)
-        info: dict = {"layers": {}}
+        info: dict = {"layers": {}, "excluded": excluded}
         with torch.no_grad():
             for name, layer in layers:
                 if name not in norms:

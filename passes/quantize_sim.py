@@ -2,17 +2,30 @@
 
 Weights of every conv/linear layer are replaced by their quantize-dequantize
 values (``wbits`` in 2..8, symmetric, per channel or per tensor, ``rtn`` or
-``mse`` clipping; see :mod:`sntfx.quant`). With ``abits``, an
-:class:`~sntfx.quant.ActQuant` module is inserted before each of those layers
-and calibrated on ``ctx.calibration`` (batches of real inputs)::
+``mse`` clipping; see :mod:`sntfx.quant`). With ``abits``, activations are
+quantized by :class:`~sntfx.quant.ActQuant` modules calibrated on
+``ctx.calibration`` (batches of real inputs)::
 
     %y = call_module[target=conv](%x)
       ->
     %xq = call_module[target=sntfx_actq_0](%x)      # ActQuant, calibrated
     %y  = call_module[target=conv](%xq)
 
+Where they go (``scheme``):
+
+* ``qdq`` (default): the placement ONNX Runtime's QDQ kernels need. BatchNorms
+  after conv/linear layers are folded first (exact), then every tensor that
+  enters a quantized layer or either operand of an addition (a residual sum)
+  gets one quantizer, shared by all its quantized users. A deployed
+  ``conv -> relu -> conv`` or ``conv + shortcut`` then runs on integer
+  kernels (``QLinearConv``, ``QLinearAdd``).
+* ``layer-inputs``: one quantizer in front of each quantized layer, BatchNorms
+  left alone (what files saved before ``scheme`` existed hold).
+
 The result is still a torch model (its accuracy can be measured, it saves
-and loads). ``info["layers"]`` reports, per layer, the relative weight
+and loads), and it is what is deployed: the quantized layers are recorded in
+``sntfx_meta(gm)["quantized_weights"]``, from which ``sntfx export`` writes
+the same function as a QDQ ONNX model (:mod:`sntfx.exporters.qdq`). ``info["layers"]`` reports, per layer, the relative weight
 quantization error and, with activations, the relative error of the
 quantized input on the calibration data.
 
@@ -21,14 +34,16 @@ Requires: ``folded``. Numerics: changes the function.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
 import torch.fx as fx
 
-from sntfx.compress_utils import prunable_layers
+from sntfx.compress_utils import check_exclude, select_layers
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.quant import ActQuant, fake_quant_weight
+from sntfx.tracing import sntfx_meta
 
 __all__ = ["SimulatedQuantize"]
 
@@ -46,8 +61,12 @@ class SimulatedQuantize(Pass):
     requires = frozenset({Property.FOLDED})
     needs_eval = True  # calibration runs the model; BatchNorms must use their running statistics
 
+    #: What a recipe saved before a parameter existed meant (see :func:`sntfx.serialization.load`).
+    legacy_params = {"scheme": "layer-inputs"}
+
     def __init__(self, wbits: int = 8, abits: int | None = None, granularity: str = "channel", method: str = "rtn",
-                 act_method: str = "minmax", exclude_first: bool = False, exclude_last: bool = False):
+                 act_method: str = "minmax", exclude_first: bool = False, exclude_last: bool = False, exclude=None,
+                 scheme: str = "qdq"):
         _check_bits(wbits, "weight bits")
         if abits is not None:
             _check_bits(abits, "activation bits", low=4)
@@ -59,6 +78,10 @@ class SimulatedQuantize(Pass):
             raise ValueError(f"act_method must be minmax, percentile or mse, got {act_method!r}")
         self.wbits, self.abits, self.granularity, self.method = wbits, abits, granularity, method
         self.act_method, self.exclude_first, self.exclude_last = act_method, bool(exclude_first), bool(exclude_last)
+        self.exclude = check_exclude(exclude)
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        self.scheme = scheme
 
     @property
     def numerics(self) -> Numerics:
@@ -66,7 +89,8 @@ class SimulatedQuantize(Pass):
 
     def params(self):
         return {"wbits": self.wbits, "abits": self.abits, "granularity": self.granularity, "method": self.method,
-                "act_method": self.act_method, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last}
+                "act_method": self.act_method, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last,
+                "exclude": list(self.exclude), "scheme": self.scheme}
 
     def check(self, ctx: PassContext) -> str | None:
         if self.abits is not None and not ctx.calibration:
@@ -75,9 +99,15 @@ class SimulatedQuantize(Pass):
         return None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
+        folded = self._fold_batchnorm(gm, ctx, replay=False)
+        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
+                                         exclude_last=self.exclude_last)
         stats: Counter = Counter()
-        info: dict = {"layers": {}}
+        if excluded:
+            stats["excluded layers"] = len(excluded)
+        if folded:
+            stats["batchnorms folded"] = folded
+        info: dict = {"layers": {}, "excluded": excluded}
         with torch.no_grad():
             for name, m in layers:
                 q = fake_quant_weight(m.weight, self.wbits, per_channel=self.granularity == "channel",
@@ -86,6 +116,7 @@ class SimulatedQuantize(Pass):
                 m.weight.copy_(q)
                 info["layers"][name] = {"weight_rel_error": err}
                 stats["quantized weights"] += 1
+        self._record(gm, [n for n, _ in layers])
         if self.abits is not None:
             quantizers = self._insert_act_quant(gm, [n for n, _ in layers])
             stats["activation quantizers"] = len(quantizers)
@@ -95,42 +126,78 @@ class SimulatedQuantize(Pass):
     def replay(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         """Weights and calibrated ranges come from the file: only the activation quantizers are re-inserted."""
         stats: Counter = Counter()
+        self._fold_batchnorm(gm, ctx, replay=True)
+        layers, _ = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
+                                  exclude_last=self.exclude_last)
+        self._record(gm, [n for n, _ in layers])
         if self.abits is not None:
-            layers = prunable_layers(gm, exclude_first=self.exclude_first, exclude_last=self.exclude_last)
             stats["activation quantizers"] = len(self._insert_act_quant(gm, [n for n, _ in layers]))
         return PassResult(gm, bool(stats), stats, {"layers": {}})
 
+    def _record(self, gm: fx.GraphModule, names: list[str]) -> None:
+        """Which layers hold grid weights, and which grid: what the QDQ export needs."""
+        record = sntfx_meta(gm).setdefault("quantized_weights", {})
+        for name in names:
+            record[name] = {"bits": self.wbits, "per_channel": self.granularity == "channel"}
+
+    def _fold_batchnorm(self, gm: fx.GraphModule, ctx: PassContext, *, replay: bool) -> int:
+        """``qdq``: fold BatchNorms into the layers first (exact), as the deployed graph has them."""
+        if self.abits is None or self.scheme != "qdq":
+            return 0
+        from .bn_fold import FoldBatchNorm
+
+        p = FoldBatchNorm()
+        result = p.replay(gm, ctx) if replay else p.run(gm, ctx)
+        return int(result.stats.get("folded", 0))
+
+    def _quantized_operands(self, gm: fx.GraphModule, targets: list[str]) -> list[tuple[fx.Node, fx.Node]]:
+        """(consumer, operand) pairs whose operand gets an activation quantizer, in graph order."""
+        pairs = []
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and node.target in targets and node.args and isinstance(node.args[0], fx.Node):
+                pairs.append((node, node.args[0]))
+            elif self.scheme == "qdq" and _is_tensor_add(node):
+                pairs += [(node, a) for a in node.args[:2]]
+        return pairs
+
     def _insert_act_quant(self, gm: fx.GraphModule, targets: list[str]) -> dict[str, ActQuant]:
+        """Insert the quantizers; returns ``{"consumer|quantizer": ActQuant}`` (a shared module repeats)."""
         quantizers: dict[str, ActQuant] = {}
         index = sum(1 for n, _ in gm.named_children() if n.startswith("sntfx_actq_"))
-        for node in list(gm.graph.nodes):
-            if node.op != "call_module" or node.target not in targets or not node.args:
-                continue
-            src = node.args[0]
-            qname = f"sntfx_actq_{index}"
-            index += 1
-            gm.add_submodule(qname, ActQuant(self.abits, self.act_method))
-            with gm.graph.inserting_before(node):
-                qnode = gm.graph.call_module(qname, (src,))
-            qnode.meta.update({k: v for k, v in getattr(src, "meta", {}).items() if k == "tensor_meta"})
-            node.args = (qnode, *node.args[1:])
-            quantizers[node.target + "|" + qname] = gm.get_submodule(qname)
+        shared: dict[fx.Node, fx.Node] = {}  # qdq: one quantizer per tensor
+        for consumer, src in self._quantized_operands(gm, targets):
+            qnode = shared.get(src) if self.scheme == "qdq" else None
+            if qnode is None:
+                qname = f"sntfx_actq_{index}"
+                index += 1
+                gm.add_submodule(qname, ActQuant(self.abits, self.act_method))
+                with gm.graph.inserting_after(src):
+                    qnode = gm.graph.call_module(qname, (src,))
+                qnode.meta.update({k: v for k, v in getattr(src, "meta", {}).items() if k == "tensor_meta"})
+                shared[src] = qnode
+            consumer.replace_input_with(src, qnode)
+            label = consumer.target if consumer.op == "call_module" else consumer.name
+            quantizers[f"{label}|{qnode.target}"] = gm.get_submodule(qnode.target)
         gm.recompile()
         return quantizers
 
     def _calibrate(self, gm, quantizers: dict[str, ActQuant], batches, info: dict) -> None:
-        for q in quantizers.values():
+        unique = list({id(q): q for q in quantizers.values()}.values())
+        for q in unique:
             q.calibrating = True
         with torch.no_grad():
             for x in batches:
                 gm(x)
-        for q in quantizers.values():
+        for q in unique:
             q.finish_calibration()
         # Relative error of each quantized input on the first calibration batch.
         errors: dict[str, float] = {}
         hooks = []
+        modules = dict(gm.named_modules())
         for key, q in quantizers.items():
             layer = key.split("|")[0]
+            if layer not in modules:
+                continue  # an addition's operand: the report is per layer
 
             def hook(mod, args, out, layer=layer):
                 x = args[0]
@@ -145,3 +212,15 @@ class SimulatedQuantize(Pass):
                 h.remove()
         for layer, e in errors.items():
             info["layers"].setdefault(layer, {})["input_rel_error"] = e
+
+
+SCHEMES = ("qdq", "layer-inputs")
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _is_tensor_add(node: fx.Node) -> bool:
+    """``a + b`` of two computed tensors (a residual sum), not a tensor plus a constant or a parameter."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")
+    if not is_add or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    return all(isinstance(a, fx.Node) and a.op != "get_attr" for a in node.args[:2])

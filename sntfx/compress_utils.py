@@ -7,6 +7,10 @@ BatchNorm re-estimation after pruning.
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+from collections.abc import Sequence
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -15,8 +19,9 @@ from torch import nn
 from .blocks.base import LAYER_CLASSES, LAYER_TYPES
 from .graph_utils import is_plain
 
-__all__ = ["prunable_layers", "check_fraction"]
+__all__ = ["prunable_layers", "check_fraction", "check_exclude", "select_layers"]
 
+log = logging.getLogger(__name__)
 
 
 def prunable_layers(gm: fx.GraphModule, *, exclude_first: bool = False, exclude_last: bool = False,
@@ -34,6 +39,44 @@ def prunable_layers(gm: fx.GraphModule, *, exclude_first: bool = False, exclude_
     if exclude_last and seen:
         seen = seen[:-1]
     return [(name, gm.get_submodule(name)) for name in seen]
+
+
+def check_exclude(patterns) -> tuple[str, ...]:
+    """Validate ``exclude`` (glob patterns over module names, e.g. ``"features.0"``, ``"*downsample*"``)."""
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    if not isinstance(patterns, Sequence) or not all(isinstance(p, str) and p.strip() for p in patterns):
+        raise ValueError(f"exclude must be a list of glob patterns over module names (e.g. ['features.0', "
+                         f"'*.downsample.*']), got {patterns!r}")
+    return tuple(p.strip() for p in patterns)
+
+
+def select_layers(gm: fx.GraphModule, *, exclude: Sequence[str] = (), exclude_first: bool = False,
+                  exclude_last: bool = False, types: tuple[str, ...] = LAYER_TYPES
+                  ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """The layers a compression pass works on, and the names it leaves alone because of ``exclude``.
+
+    ``exclude`` holds glob patterns (``fnmatch``, case-sensitive) matched
+    against module names, like NNCF's ``ignored_scope`` or Torch-Pruning's
+    ``ignored_layers``. Patterns that match no layer are logged; when none of
+    them matches anything, :class:`ValueError` lists the layer names (a
+    pattern that silently excludes nothing would deploy the wrong model).
+    """
+    layers = prunable_layers(gm, exclude_first=exclude_first, exclude_last=exclude_last, types=types)
+    if not exclude:
+        return layers, []
+    every = [n for n, _ in prunable_layers(gm, types=types)]
+    unmatched = [p for p in exclude if not any(fnmatch.fnmatchcase(n, p) for n in every)]
+    if len(unmatched) == len(exclude):
+        shown = ", ".join(every[:12]) + (", ..." if len(every) > 12 else "")
+        raise ValueError(f"exclude {list(exclude)} matches none of the model's conv/linear layers ({shown}); "
+                         "patterns are globs over these names, e.g. 'features.0' or '*.downsample.*'")
+    for p in unmatched:
+        log.warning("exclude pattern '%s' matches no conv/linear layer", p)
+    excluded = [n for n, _ in layers if any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    return [(n, m) for n, m in layers if n not in excluded], excluded
 
 
 #: What a pass that calibrates asks for when the context has no calibration data.

@@ -127,6 +127,8 @@ class Pass(abc.ABC):
     needs_eval: ClassVar[bool] = False
     inplace: ClassVar[bool] = True
     tolerance: ClassVar[float] = 1e-5
+    #: Parameters added after files were saved, with the value such a file meant (applied on load only).
+    legacy_params: ClassVar[dict[str, Any]] = {}
 
     @property
     def numerics(self) -> Numerics:

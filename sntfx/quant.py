@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["fake_quant_weight", "weight_scale", "ActQuant", "CLIP_GRID"]
+__all__ = ["fake_quant_weight", "weight_scale", "weight_grid_scale", "ActQuant", "CLIP_GRID"]
 
 CLIP_GRID = torch.linspace(0.3, 1.0, 36).tolist()
 
@@ -55,6 +55,22 @@ def fake_quant_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True, m
     scale = weight_scale(w, bits, per_channel=per_channel, method=method).to(w.dtype)
     qmax = _qmax(bits)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+def weight_grid_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True) -> torch.Tensor:
+    """The scale of a weight already on its ``bits``-bit grid (the output of :func:`fake_quant_weight`).
+
+    Whether the range was max-abs or MSE-clipped, the largest step count of
+    a quantized channel is ``2**(bits-1) - 1`` (clipped values saturate
+    there), so ``max |w| / qmax`` is the scale; an all-zero channel gets 1.
+    Shape as :func:`weight_scale`.
+    """
+    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+    amax = flat.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / _qmax(bits), torch.ones_like(amax))
+    if per_channel:
+        return scale.reshape(-1, *([1] * (w.dim() - 1)))
+    return scale.reshape(())
 
 
 class ActQuant(nn.Module):

@@ -47,7 +47,7 @@ from . import signing
 from .errors import FileFormatError, SntfxError, UntrustedSourceError
 from .io import atomic_torch_save
 from .models import ModelSpec
-from .pass_base import PassContext, pass_from_spec
+from .pass_base import PassContext, get_pass_class, pass_from_spec
 from .tracing import inputs_from_spec, sntfx_meta, trace
 
 __all__ = ["save", "load", "read_recipe", "check_trust", "FORMAT", "VERSION", "library_versions"]
@@ -234,7 +234,8 @@ def load(path: str | Path, *, model_file: str | Path | None = None,
     meta = sntfx_meta(gm)
     meta["source"] = spec.to_dict()
     meta["info"] = recipe.get("info", {})
-    passes = [pass_from_spec(p["name"], p.get("params", {})) for p in recipe["pipeline"]]
+    passes = [pass_from_spec(p["name"], {**get_pass_class(p["name"]).legacy_params, **p.get("params", {})})
+              for p in recipe["pipeline"]]
     if passes:
         gm = PassManager(passes).run(gm, PassContext(example_inputs=inputs, rebuild=True)).graph_module
     missing, unexpected = _diff_keys(gm.state_dict(), state)

@@ -121,7 +121,7 @@ IGNORED = {
               ["--method", "nm"], ["--method", "structured", "--scope", "global", "--importance", "taylor"]],
     "quantize": [["--act-method", "mse"], ["--calib-batches", "4"], ["--abits", "8"],
                  ["--data-dir", "{d}/folder"]],
-    "export": [["--calib-method", "entropy"], ["--min-agreement", "0.5"], ["--calib-batches", "4"], ["--int8"],
+    "export": [["--calib-method", "mse"], ["--min-agreement", "0.5"], ["--calib-batches", "4"], ["--int8"],
                ["--data-dir", "{d}/folder"]],
     "inspect": [["--data", "digits"], ["--data-dir", "{d}/folder"]],
     "transform": [["--ratio", "2"], ["--style", "branch", "--ratio", "2"], ["--entry", "build_model"]],

@@ -12,10 +12,9 @@ import torchvision
 from click.testing import CliRunner
 
 import sntfx
-from sntfx.calibration import CalibrationReader
 from sntfx.cli import cli
 from sntfx.data import load_data
-from sntfx.exporters import ExportError, bench_onnx, export_onnx, onnx_accuracy, quantize_int8, verify_onnx
+from sntfx.exporters import ExportError, bench_onnx, export_onnx, onnx_accuracy, verify_onnx
 from sntfx.graph_utils import randomize_
 from sntfx.train import TrainConfig, Trainer
 
@@ -126,22 +125,69 @@ def trained_digits(tmp_path_factory):
     return sntfx.fold(snt, x).eval(), data
 
 
-def test_int8_qdq_keeps_top1_agreement_on_real_data(tmp_path, trained_digits):
-    folded, data = trained_digits
-    x = torch.zeros(1, 1, 8, 8)
-    export_onnx(folded, tmp_path / "f.onnx", x, dynamic_batch=True)
-    reader = CalibrationReader(data.train, "x", batches=16)
-    assert len(reader) == 16
-    quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx", reader)
-    xs = torch.stack([data.test[i][0] for i in range(len(data.test))])
-    check = verify_onnx(tmp_path / "q.onnx", folded, (xs,), rtol=float("inf"), min_top1=0.98)
-    assert check["ok"] and check["top1_agreement"] >= 0.98, check
+def _qdq_ops(path) -> set[str]:
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    acc_float, acc_int8 = onnx_accuracy(tmp_path / "f.onnx", data.test), onnx_accuracy(tmp_path / "q.onnx", data.test)
-    assert acc_float > 0.9 and abs(acc_float - acc_int8) <= 0.02
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_cli_quantize_w8a8_exports_qdq_and_ort_matches_the_simulated_accuracy(tmp_path, trained_digits):
+    """What `sntfx quantize` measures is what `sntfx export` ships: QDQ nodes, integer kernels, same accuracy."""
+    from sntfx.compress import accuracy
+    from sntfx.exporters.qdq import integer_ops
+
+    folded, data = trained_digits
+    sntfx.save(folded, tmp_path / "f.pt", source=sntfx.ModelSpec.parse("sntfx:cnn"))
+    runner = CliRunner()
+    res = runner.invoke(cli, ["quantize", str(tmp_path / "f.pt"), "--wbits", "8", "--abits", "8", "--data", "digits",
+                              "--out", str(tmp_path / "q.pt")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["export", str(tmp_path / "q.pt"), "--onnx", str(tmp_path / "q.onnx"), "--data", "digits",
+                              "--dynamic-batch"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "QDQ" in text and "integer kernels" in text
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _qdq_ops(tmp_path / "q.onnx")
+    import onnx
+
+    weights = [t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if len(t.dims) >= 2]
+    assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)  # the file holds int8 weights
+    assert integer_ops(tmp_path / "q.onnx").get("QLinearConv", 0) >= 1
+    simulated = sntfx.load(tmp_path / "q.pt")
+    sim_acc, ort_acc = accuracy(simulated, data), onnx_accuracy(tmp_path / "q.onnx", data.test)
+    assert sim_acc > 0.9
+    assert abs(sim_acc - ort_acc) <= 0.005, (sim_acc, ort_acc)
+
+
+@pytest.mark.parametrize("wbits,abits", [(4, 8), (6, 6), (4, 4)])
+def test_low_bit_settings_deploy_the_simulated_grid(tmp_path, trained_digits, wbits, abits):
+    """Below 8 bits the file still computes the simulated grid (a Clip), not ORT's wider uint8 range."""
+    from sntfx.compress import accuracy, apply_pass
+    from sntfx.passes import SimulatedQuantize
+
+    folded, data = trained_digits
+    q = apply_pass(folded, SimulatedQuantize(wbits=wbits, abits=abits), data).graph_module
+    xs = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    report = export_onnx(q, tmp_path / "q.onnx", xs[:1], dynamic_batch=True, verify_inputs=(xs,))
+    assert report.quantized and report.verification["top1_agreement"] >= 0.97
+    ops = _qdq_ops(tmp_path / "q.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and ("Clip" in ops) == (abits < 8)
+    assert abs(accuracy(q, data) - onnx_accuracy(tmp_path / "q.onnx", data.test)) <= 0.02
+
+
+def test_a_quantized_model_changed_afterwards_is_not_exported(tmp_path, trained_digits):
+    from sntfx.compress import apply_pass
+    from sntfx.passes import SimulatedQuantize
+
+    folded, data = trained_digits
+    q = apply_pass(folded, SimulatedQuantize(wbits=4), data).graph_module
+    torch.manual_seed(0)
+    with torch.no_grad():  # e.g. fine-tuned after quantization
+        w = next(m for m in q.modules() if isinstance(m, torch.nn.Conv2d)).weight
+        w.add_(torch.randn_like(w) * w.abs().max() * 0.01)
+    with pytest.raises(sntfx.SntfxError, match="no longer on their 4-bit grid"):
+        export_onnx(q, tmp_path / "q.onnx", torch.zeros(1, 1, 8, 8))
+    assert not (tmp_path / "q.onnx").exists()
 
 
 def test_cli_export_int8_and_bench(tmp_path, trained_digits):

@@ -23,20 +23,25 @@ from .options import TEXT, FiniteFloat, only_with, trust_options
 @click.option("--simplify", is_flag=True, help="Simplify the graph with onnxscript's optimizer (verified too).")
 @click.option("--data", "data_name", default=None, help="Verify on (and calibrate int8 with) this dataset.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
-@click.option("--int8", is_flag=True, help="Also write OUT.int8.onnx: static QDQ, int8 weights, uint8 activations.")
+@click.option("--int8", is_flag=True, help="Also write OUT.int8.onnx: the model quantized W8A8 exactly as `sntfx "
+              "quantize --wbits 8 --abits 8` does (what the sweeps measure), as QDQ ONNX.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True,
+              help="Activation-range calibration for --int8.")
+@click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
+              help="With --int8: leave layers whose module name matches GLOB in float (repeatable).")
 @click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
               help="Top-1 agreement with the float model an int8 model must reach on the verification data.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @trust_options
 def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
-           calib_batches, calib_method, min_agreement, verify_samples, report_path, source_file, trust_source):
+           calib_batches, calib_method, exclude, min_agreement, verify_samples, report_path, source_file, trust_source):
     """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
     import torch
 
     from ..data import fixed_batches, load_data
+    from ..blocks import is_expanded
     from ..exporters import export_int8, export_onnx
     from ..io import atomic_write, check_output_path
     from ..models import parse_input_shape
@@ -48,7 +53,7 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
     int8_path = check_output_path(out.with_name(out.stem + ".int8.onnx"), [model]) if int8 else None
     if int8 and not data_name:
         raise SntfxError("--int8 needs --data to calibrate on, e.g. --data fashion-mnist")
-    only_with(["calib_batches", "calib_method", "min_agreement"], int8, "--int8")
+    only_with(["calib_batches", "calib_method", "min_agreement", "exclude"], int8, "--int8")
     only_with(["data_dir"], data_name is not None, "--data NAME")
     saved = is_model_file(model)
     only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
@@ -62,6 +67,13 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
         from ..api import trace
 
         gm = trace(model, torch.zeros(shape) if shape else None)
+    if int8:
+        from ..exporters.qdq import is_quantized
+
+        if is_quantized(gm):
+            raise SntfxError(f"'{model}' is already quantized; export it without --int8 (it is written in QDQ form)")
+        if is_expanded(gm) and not allow_expanded:
+            raise SntfxError("--int8 quantizes the deployed model: fold it first (`sntfx fold`)")
     if shape:
         example = (torch.randn(shape),)
     elif data is not None:
@@ -86,22 +98,33 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
                   f"{simplified}): {report.size_bytes / 1e6:.2f} MB; verified on "
                   f"{v['samples']} {'real' if data else 'random'} inputs: max abs {v['max_abs']:.2e}, rel {v['rel']:.2e}"
                   + (f", top-1 agreement {v['top1_agreement']:.2%}" if "top1_agreement" in v else ""), highlight=False)
+    if report.quantized:
+        console.print(f"quantized model exported in QDQ form; ONNX Runtime runs {_integer_summary(report.integer_ops)}",
+                      highlight=False)
     if report.fallback_reason:
         console.print(f"[yellow]torch.export-based export failed ({report.fallback_reason}); used the TorchScript exporter[/]")
     payload = {"float": report.to_dict()}
     if int8:
-        with console.status("quantizing to int8 (static, QDQ) ..."):
-            int8_info = export_int8(out, int8_path, gm, data.train, verify, calib_batches=calib_batches,
-                                    calib_method=calib_method, min_top1=min_agreement,
-                                    fixed_batch=None if dynamic_batch else example[0].shape[0])
+        with console.status("quantizing W8A8 and exporting QDQ ..."):
+            int8_info = export_int8(gm, int8_path, data, verify, example_inputs=example, calib_batches=calib_batches,
+                                    calib_method=calib_method, min_top1=min_agreement, dynamic_batch=dynamic_batch,
+                                    exclude=exclude)
+        int8_info.pop("model")
         check = int8_info["verification"]
         console.print(f"int8 model {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB): top-1 agreement with the "
-                      f"float model {check['top1_agreement']:.2%} on {check['samples']} inputs, rel {check['rel']:.2e}",
-                      highlight=False)
+                      f"simulated W8A8 model {check['top1_agreement']:.2%} on {check['samples']} inputs; ONNX Runtime "
+                      f"runs {_integer_summary(int8_info['integer_ops'])}", highlight=False)
         payload["int8"] = {"path": str(int8_path), **int8_info}
     if report_out:
         atomic_write(report_out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     console.print(f"wrote [bold]{out}[/]")
+
+
+def _integer_summary(ops: dict[str, int]) -> str:
+    counts = {k: v for k, v in ops.items() if k != "total"}
+    if not counts:
+        return "no operator on integer kernels (no QDQ fusion applied: e.g. activations below 8 bits)"
+    return ", ".join(f"{v} {k}" for k, v in counts.items()) + f" on integer kernels ({ops.get('total', 0)} nodes)"
 
 
 @cli.command()

@@ -83,7 +83,8 @@ ABSENT = {"val_images": 0, "evaluate_on": "test"}
 
 
 # What a stage computes, when it grows: a stored result of an older version is redone on resume.
-STAGE_VERSION = {"evaluate": 2}  # 2: weight statistics (kurtosis, crest factor, zeros at W4)
+STAGE_VERSION = {"evaluate": 2,  # 2: weight statistics (kurtosis, crest factor, zeros at W4)
+                 "onnx": 2}  # 2: int8 = the simulated W8A8 model as QDQ; every W/A setting deployed on ORT
 
 
 def _recorded(config: dict[str, Any], keys) -> dict[str, Any]:
@@ -418,7 +419,10 @@ class Study:
         return result
 
     def _onnx(self, run: Run, tick) -> dict:
+        from torch.utils.data import DataLoader, Subset
+
         from ..exporters import bench_onnx, export_int8, export_onnx, onnx_accuracy
+        from ..train import evaluate
 
         c = self.config
         gm = self._load(run)
@@ -430,11 +434,29 @@ class Study:
         tick(0.2)
         out: dict[str, Any] = {"fp32": {"export": report.to_dict()}}
         int8 = run.path / "model.int8.onnx"
-        try:
-            out["int8"] = {"verification": export_int8(fp32, int8, gm, data.train, verify)["verification"]}
-        except Exception as exc:  # noqa: BLE001 - an int8 failure is a result, not a crash
-            log.warning("%s: int8 quantization failed: %s", run.label, exc)
-            out["int8"] = {"error": f"{type(exc).__name__}: {exc}"}
+        out["deployed"] = {}
+        settings = [tuple(p) for p in c.act_bits]
+        for wb, ab in [(8, 8)] + [p for p in settings if p != (8, 8)]:
+            # Each W/A setting of the sweep, deployed: the same quantize pass, exported as QDQ, run on ORT.
+            key, path = f"W{wb}A{ab}", int8 if (wb, ab) == (8, 8) else run.path / f"model.w{wb}a{ab}.onnx"
+            try:
+                info = export_int8(gm, path, data, verify, wbits=wb, abits=ab)
+            except Exception as exc:  # noqa: BLE001 - a failed deployment is a result, not a crash
+                log.warning("%s: %s deployment failed: %s", run.label, key, exc)
+                if (wb, ab) == (8, 8):
+                    out["int8"] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            if (wb, ab) == (8, 8):
+                out["int8"] = {"verification": info["verification"], "integer_ops": info["integer_ops"]}
+            if (wb, ab) in settings:
+                n = len(data.test) if c.eval_images is None else min(c.eval_images, len(data.test))
+                subset = Subset(data.test, range(n))
+                out["deployed"][key] = {
+                    "simulated": evaluate(info["model"], DataLoader(subset, batch_size=256), torch.device("cpu"))[
+                        "accuracy"],
+                    "onnxruntime": onnx_accuracy(path, subset), "images": n, "integer_ops": info["integer_ops"]}
+                if path != int8:
+                    path.unlink()
         tick(0.3)
         limit = c.eval_images
         provider = c.provider  # auto: the hardware present (exporters.resolve_providers), as in `sntfx bench`

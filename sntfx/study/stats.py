@@ -54,6 +54,9 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
                 m[f"ort:{kind}:ms:b{b}"] = lat["p50_ms"]
             m[f"ort:{kind}:accuracy"] = part["accuracy"]
             m[f"ort:{kind}:mb"] = part["size_bytes"] / 1e6
+    for setting, d in (ox.get("deployed") or {}).items():  # the sweep's W/A settings, deployed on ORT
+        m[f"deployed:{setting}:simulated"] = d["simulated"]
+        m[f"deployed:{setting}:onnxruntime"] = d["onnxruntime"]
     return m
 
 
