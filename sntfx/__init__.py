@@ -27,6 +27,7 @@ from .errors import (  # noqa: E402
     PolicyError,
     SntfxError,
     TraceError,
+    WeightsError,
 )
 from .pass_base import (  # noqa: E402
     Numerics,
@@ -43,6 +44,7 @@ from .policy import Policy, Rule  # noqa: E402
 from .models import ModelSpec  # noqa: E402
 from .api import build_model, fold, trace, transform  # noqa: E402
 from .serialization import load, read_recipe, save  # noqa: E402
+from .weights import load_weights, original_state_dict, read_state_dict, save_state_dict  # noqa: E402
 from . import passes  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
@@ -54,6 +56,10 @@ __all__ = [
     "save",
     "load",
     "read_recipe",
+    "read_state_dict",
+    "load_weights",
+    "original_state_dict",
+    "save_state_dict",
     "PassManager",
     "PipelineReport",
     "Pass",
@@ -77,4 +83,5 @@ __all__ = [
     "EquivalenceError",
     "PolicyError",
     "FileFormatError",
+    "WeightsError",
 ]

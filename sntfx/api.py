@@ -8,6 +8,7 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .errors import SntfxError
 from .models import ModelSpec
 from .pass_base import PassContext
 from .pass_manager import PassManager, PipelineReport
@@ -18,10 +19,26 @@ from .tracing import trace as _trace
 __all__ = ["trace", "transform", "fold", "build_model"]
 
 
-def build_model(spec: str | ModelSpec, **kwargs: Any) -> nn.Module:
-    """Build a model from a spec string (``torchvision:resnet18``, ``model.py``, ...)."""
+def build_model(spec: str | ModelSpec, *, weights: Any = None, pretrained: bool | str = False,
+                **kwargs: Any) -> nn.Module:
+    """Build a model from a spec string (``torchvision:resnet18``, ``model.py``, ...).
+
+    Args:
+        spec: the model spec; ``kwargs`` are its constructor arguments.
+        weights: initial weights: a ``.safetensors``/``.pt`` state dict file (or a dict),
+            loaded strictly; for torchvision also its ``weights=`` values (``"DEFAULT"``,
+            a weights enum), read from the local cache like ``pretrained``.
+        pretrained: torchvision's or timm's pretrained weights, from the local cache
+            only (:mod:`sntfx.weights`); a missing file is an error, never a download.
+
+    Example::
+
+        model = sntfx.build_model("timm:resnet18", weights="my.safetensors", num_classes=10)
+    """
+    from .weights import build_with_weights
+
     spec = ModelSpec.parse(spec, kwargs=kwargs) if isinstance(spec, str) else spec
-    return spec.build()
+    return build_with_weights(spec, weights=weights, pretrained=pretrained)
 
 
 def trace(
@@ -30,12 +47,15 @@ def trace(
     *,
     leaf_modules: tuple[str, ...] | list[str] = (),
     check: bool = True,
+    weights: Any = None,
+    pretrained: bool | str = False,
 ) -> fx.GraphModule:
     """Trace a model (or a model spec) into a GraphModule with shapes recorded.
 
     A spec (``"torchvision:resnet18"``, ``"model.py"``, ...) is built first and
     recorded, so the result can be saved with :func:`sntfx.save`; without
-    ``example_inputs`` the spec's default input is used.
+    ``example_inputs`` the spec's default input is used. A spec starts from
+    ``weights`` or the ``pretrained`` weights when given (see :func:`build_model`).
 
     Example::
 
@@ -43,10 +63,15 @@ def trace(
     """
     spec = None
     if isinstance(model, (str, ModelSpec)):
+        from .weights import build_with_weights
+
         spec = ModelSpec.parse(model) if isinstance(model, str) else model
         if example_inputs is None:
             example_inputs = spec.example_inputs()
-        model = spec.build()
+        model = build_with_weights(spec, weights=weights, pretrained=pretrained)
+    elif weights is not None or pretrained:
+        raise SntfxError("weights= and pretrained= apply when the model is a spec (e.g. 'timm:resnet18'); load "
+                         "weights into your own module with module.load_state_dict() or sntfx.load_weights()")
     gm = _trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules, check=check)
     if spec is not None:
         sntfx_meta(gm)["source"] = spec.to_dict()
@@ -66,6 +91,8 @@ def transform(
     check: bool = False,
     report: bool = False,
     inplace: bool = False,
+    weights: Any = None,
+    pretrained: bool | str = False,
 ) -> fx.GraphModule | tuple[fx.GraphModule, PipelineReport]:
     """Trace and expand every eligible layer into an SNT block (the ``snt`` pass).
 
@@ -80,6 +107,7 @@ def transform(
         check: with ``preserve=True``, verify the outputs are unchanged.
         report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
         inplace: when ``model`` is already a GraphModule, expand it instead of a copy.
+        weights / pretrained: a spec's initial weights (see :func:`build_model`).
 
     Example::
 
@@ -88,7 +116,9 @@ def transform(
     from .pipelines import canonical_passes
 
     given = isinstance(model, fx.GraphModule) and "sntfx" in model.meta
-    gm = model if given else trace(model, example_inputs)
+    if given and (weights is not None or pretrained):
+        raise SntfxError("weights= and pretrained= apply when the model is a spec; this GraphModule has its weights")
+    gm = model if given else trace(model, example_inputs, weights=weights, pretrained=pretrained)
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
     passes = canonical_passes("before-training", snt=dict(style=style, ratio=ratio, policy=policy, preserve=preserve,
                                                           online=online, seed=seed))

@@ -18,6 +18,7 @@ __all__ = [
     "PolicyError",
     "FileFormatError",
     "UntrustedSourceError",
+    "WeightsError",
     "DiskFullError",
 ]
 
@@ -81,6 +82,10 @@ class FileFormatError(SntfxError):
 
 class UntrustedSourceError(FileFormatError):
     """A model file's recipe would import or run Python code the user has not trusted."""
+
+
+class WeightsError(SntfxError):
+    """A weights file (state dict) cannot be read, does not fit the model, or pretrained weights are not cached."""
 
 
 class DiskFullError(SntfxError):

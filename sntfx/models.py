@@ -3,6 +3,9 @@
 A spec is one of
 
 * ``torchvision:NAME`` -- ``torchvision.models.get_model(NAME, weights=None)``;
+  torchvision models have no input-channel argument, so sntfx adds one:
+  ``in_channels`` replaces the stem (the first convolution) by one for that
+  many channels, and is recorded like any constructor argument;
 * ``timm:NAME`` -- ``timm.create_model(NAME, pretrained=False)``;
 * ``sntfx:NAME`` -- a built-in model (:mod:`sntfx.zoo`);
 * ``path/to/model.py`` or ``path/to/model.py:ENTRY`` -- a Python file defining
@@ -11,7 +14,11 @@ A spec is one of
 * ``package.module:ATTR`` -- a factory importable from the Python path.
 
 Constructor keyword arguments travel with the spec (``kwargs``). Nothing is
-ever downloaded: zoo models are built with random weights.
+ever downloaded: zoo models are built with random weights, or with
+``build(pretrained=True)`` from the pretrained weights torchvision or timm
+already cached on this machine (:mod:`sntfx.weights`; a missing file is an
+error, never a download). Weights are not part of the spec: a saved model
+carries its own.
 
 Rebuilding a file spec imports that Python file again, as the user did when
 they first built the model; the file's SHA-256 is recorded and checked, so a
@@ -39,7 +46,7 @@ from torch import nn
 from .errors import ModelSpecError
 from .zoo import BUILTIN_MODELS, default_input_shape
 
-__all__ = ["ModelSpec", "FACTORY_NAMES", "parse_input_shape"]
+__all__ = ["ModelSpec", "FACTORY_NAMES", "parse_input_shape", "stem_conv"]
 
 FACTORY_NAMES = ("build_model", "model", "get_model")
 KINDS = ("torchvision", "timm", "sntfx", "file", "import")
@@ -131,16 +138,31 @@ class ModelSpec:
         return f"{self.kind}:{self.name}"
 
     # -- building --------------------------------------------------------------
-    def build(self, *, verify_hash: bool = True) -> nn.Module:
-        """Construct the model (random weights; nothing is downloaded)."""
+    def build(self, *, verify_hash: bool = True, pretrained: bool | str = False) -> nn.Module:
+        """Construct the model: random weights, or with ``pretrained`` (torchvision and timm
+        only) the pretrained weights from the local cache; nothing is ever downloaded.
+
+        For torchvision, ``pretrained`` may name the weights (``"IMAGENET1K_V2"``; True is
+        ``"DEFAULT"``); for timm the weights are chosen by the name's tag (``resnet18.a1_in1k``).
+        """
         if self.kind not in CODE_KINDS:
             loading = sorted(WEIGHT_LOADING_KWARGS & set(self.kwargs))
             if loading:
                 raise ModelSpecError(
                     f"constructor argument(s) {', '.join(loading)} of '{self}' would load or download weights; "
-                    "sntfx builds the architecture only (random weights, nothing downloaded): drop them and load "
-                    "your weights into the model yourself"
+                    "sntfx builds the architecture from the spec and loads weights itself: drop them and use "
+                    "--pretrained (torchvision/timm weights already in the local cache) or --weights FILE "
+                    "(sntfx.build_model(spec, pretrained=True) / weights=PATH)"
                 )
+        if pretrained and self.kind not in ("torchvision", "timm"):
+            raise ModelSpecError(
+                f"pretrained weights come from torchvision's and timm's local caches; '{self}' is a "
+                f"{'built-in' if self.kind == 'sntfx' else self.kind} model: give its weights with --weights FILE "
+                "(weights=PATH)"
+            )
+        if isinstance(pretrained, str) and self.kind == "timm":
+            raise ModelSpecError(f"timm chooses pretrained weights by the model name's tag (timm:{self.name}.TAG, "
+                                 f"e.g. timm:resnet18.a1_in1k); pass pretrained=True, not {pretrained!r}")
         if self.kind == "sntfx":
             factory = BUILTIN_MODELS.get(self.name)
             if factory is None:
@@ -153,13 +175,29 @@ class ModelSpec:
                 raise ModelSpecError(
                     f"torchvision has no model '{self.name}'; see torchvision.models.list_models() for the names"
                 )
-            return _call(lambda **kw: torchvision.models.get_model(self.name, weights=None, **kw), self.kwargs, str(self))
+            kwargs = dict(self.kwargs)
+            in_channels = kwargs.pop("in_channels", None)
+            model = _call(lambda **kw: torchvision.models.get_model(self.name, weights=None, **kw), kwargs, str(self))
+            if in_channels is not None:
+                _replace_stem(model, in_channels, str(self))
+            if pretrained:
+                from .weights import load_torchvision_pretrained
+
+                load_torchvision_pretrained(model, self.name, None if pretrained is True else pretrained)
+            return model
         if self.kind == "timm":
             import timm
 
             if not timm.is_model(self.name):
                 raise ModelSpecError(f"timm has no model '{self.name}'; see timm.list_models() for the names")
-            return _call(lambda **kw: timm.create_model(self.name, pretrained=False, **kw), self.kwargs, str(self))
+            if not pretrained:
+                return _call(lambda **kw: timm.create_model(self.name, pretrained=False, **kw), self.kwargs, str(self))
+            from .weights import timm_pretrained_state
+
+            state = timm_pretrained_state(self.name)  # read here, from the local cache: timm downloads nothing
+            overlay = {"state_dict": state}
+            return _call(lambda **kw: timm.create_model(self.name, pretrained=True, pretrained_cfg_overlay=overlay,
+                                                        **kw), self.kwargs, str(self))
         module = self._module(verify_hash)
         names = (self.entry,) if self.entry else FACTORY_NAMES
         for attr in names:
@@ -217,13 +255,13 @@ class ModelSpec:
             return (torch.randn(default_input_shape(self.name, self.kwargs), generator=gen),)
         if self.kind == "torchvision":
             size = 299 if self.name == "inception_v3" else 224
-            return (torch.randn(1, 3, size, size, generator=gen),)
+            return (torch.randn(1, self.kwargs.get("in_channels", 3), size, size, generator=gen),)
         if self.kind == "timm":
             import timm
 
             cfg = timm.models.get_pretrained_cfg(self.name)
             size = tuple(getattr(cfg, "input_size", None) or (3, 224, 224)) if cfg else (3, 224, 224)
-            return (torch.randn(1, *size, generator=gen),)
+            return (torch.randn(1, self.kwargs.get("in_chans", size[0]), *size[1:], generator=gen),)
         module = self._module(verify_hash=False)
         fn = getattr(module, "example_inputs", None)
         if fn is None:
@@ -237,6 +275,29 @@ class ModelSpec:
         if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
             return tuple(value)
         raise ModelSpecError(f"example_inputs() in '{self.name}' must return a tensor or a tuple of tensors")
+
+
+def stem_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first 2-D convolution a model defines (the stem of torchvision's classifiers), with its name."""
+    return next(((name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _replace_stem(model: nn.Module, in_channels, what: str) -> None:
+    """Give a torchvision model a stem convolution for ``in_channels`` input channels (same shape otherwise)."""
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ModelSpecError(f"in_channels of '{what}' must be a positive integer, got {in_channels!r}")
+    found = stem_conv(model)
+    if found is None or found[1].groups != 1:
+        raise ModelSpecError(
+            f"'{what}' has no plain stem convolution that sntfx could rebuild for {in_channels} input channels; "
+            "build the model in a model file (model.py) with the input layer you need"
+        )
+    name, conv = found
+    if conv.in_channels == in_channels:
+        return
+    stem = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                     dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    model.set_submodule(name, stem)
 
 
 def _call(factory, kwargs: dict, what: str) -> nn.Module:

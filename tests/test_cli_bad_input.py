@@ -116,7 +116,8 @@ TEXT_VALUES = {
 # Valid values that the command would ignore in this invocation: they must be refused, not dropped.
 IGNORED = {
     "train": [["--sam-base", "sgd"], ["--rho", "0.1"], ["--adaptive"], ["--sync-bn"], ["--warmup-epochs", "1"],
-              ["--model-file", "{d}/folder/../model.py"], ["--trust-source"], ["--data-dir", "{d}/folder"]],
+              ["--model-file", "{d}/folder/../model.py"], ["--trust-source"], ["--data-dir", "{d}/folder"],
+              ["--pretrained"]],
     "prune": [["--nm", "2:4"], ["--importance", "lamp"], ["--round-to", "8"], ["--lr", "0.01"],
               ["--method", "nm"], ["--method", "structured", "--scope", "global", "--importance", "taylor"]],
     "quantize": [["--act-method", "mse"], ["--calib-batches", "4"], ["--abits", "8"],
@@ -124,7 +125,8 @@ IGNORED = {
     "export": [["--calib-method", "mse"], ["--min-agreement", "0.5"], ["--calib-batches", "4"], ["--int8"],
                ["--data-dir", "{d}/folder"]],
     "inspect": [["--data", "digits"], ["--data-dir", "{d}/folder"]],
-    "transform": [["--ratio", "2"], ["--style", "branch", "--ratio", "2"], ["--entry", "build_model"]],
+    "transform": [["--ratio", "2"], ["--style", "branch", "--ratio", "2"], ["--entry", "build_model"],
+                  ["--data-dir", "{d}/folder"], ["--pretrained"]],
     "bench": [["--data-dir", "{d}/folder"]],
     "study": [["--report-only"], ["--report-only", "--epochs", "2"]],
 }
@@ -158,12 +160,12 @@ def _bad_values(param: click.Parameter, d: Path, command: str) -> list[str]:
     if isinstance(t, click.Choice):
         return ["no-such-choice", ""]
     if isinstance(t, click.Path):
-        values = [str(d / "missing" / "x")] if t.exists or param.name in ("out", "onnx_path", "report_path") else []
+        values = [str(d / "missing" / "x")] if t.exists or param.name in ("out", "onnx_path", "report_path", "state_dict_path") else []
         if not t.file_okay:
             values.append(str(d / "text.pt"))
         if not t.dir_okay:
             values.append(str(d / "folder"))
-        if param.name in ("out", "onnx_path", "report_path") and command in INPUT_OF:
+        if param.name in ("out", "onnx_path", "report_path", "state_dict_path") and command in INPUT_OF:
             values.append(str(d / INPUT_OF[command]))  # the command's own input
         if param.name == "config_file":
             values.append(str(d / "study.toml"))

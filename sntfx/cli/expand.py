@@ -13,7 +13,15 @@ from ..errors import SntfxError
 from ..pipelines import DEFAULT_RATIO, DEFAULT_STYLE
 from .app import cli, console
 from .console import fmt_int, print_pass_report
-from .options import TEXT, inputs_for, model_spec, only_with, trust_options
+from .options import (
+    TEXT,
+    check_weights_options,
+    inputs_for,
+    model_spec,
+    only_with,
+    trust_options,
+    weights_options,
+)
 
 
 def style_cost(name: str) -> str:
@@ -38,7 +46,13 @@ def style_cost(name: str) -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--passes", "pipeline", default=None, type=TEXT,
               help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
-def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline):
+@weights_options
+@click.option("--data", "data_name", default=None, type=TEXT,
+              help="Build the model for this dataset's images and classes, as `sntfx train` does (channels, "
+                   "classes, input shape).")
+@click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
+def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline, weights_file,
+              pretrained, data_name, data_dir):
     """Trace MODEL and expand its conv/linear layers into SNT blocks.
 
     MODEL is model.py (with build_model()), torchvision:NAME, timm:NAME or sntfx:NAME.
@@ -48,13 +62,19 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     from ..models import parse_input_shape
     from ..serialization import save
     from ..tracing import sntfx_meta
+    from ..weights import weights_source
+    from ..workflow import build_traced
 
-    out_path = check_output_path(out, inputs_for(model) + ([policy] if policy else []))
+    out_path = check_output_path(out, inputs_for(model) + [p for p in (policy, weights_file) if p])
+    only_with(["data_dir"], data_name is not None, "--data NAME")
+    if input_shape and data_name:
+        raise SntfxError("--data sets the input shape from the dataset's images, so --input-shape would be "
+                         "ignored: drop one of them")
     if ratio is not None and not policy and "ratio" not in get_style(style or DEFAULT_STYLE).options:
         raise SntfxError(f"--ratio sets an expansion ratio; the '{style or DEFAULT_STYLE}' style has none, so it "
                          "would be ignored: choose a style with a ratio (e.g. --style linear) or drop --ratio")
     spec = model_spec(model, entry, kwargs)
-    inputs = spec.example_inputs(parse_input_shape(input_shape) if input_shape else None)
+    check_weights_options(spec, weights_file, pretrained)
     if pipeline and (style or ratio or policy or preserve):
         raise SntfxError("--passes replaces --style/--ratio/--policy/--preserve: put them in the pipeline, "
                          'e.g. --passes "snt(style=branch,preserve=true)"')
@@ -62,11 +82,14 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
         from ..pass_base import parse_pipeline
 
         pipeline = parse_pipeline(pipeline)  # bad strings fail before any work
-    with console.status(f"tracing and expanding {spec} ..."):
-        from ..tracing import trace
+    info = None
+    if data_name:
+        from ..data import load_data
 
-        gm = trace(spec.build(), inputs)
-        sntfx_meta(gm)["source"] = spec.to_dict()
+        info = load_data(data_name, data_dir=data_dir, seed=seed).info
+    inputs = spec.example_inputs(info.input_shape(1) if info else parse_input_shape(input_shape) if input_shape else None)
+    with console.status(f"tracing and expanding {spec} ..."):
+        gm = build_traced(spec, inputs, weights=weights_file, pretrained=pretrained, info=info)
     if pipeline:
         from ..pass_base import PassContext
         from ..pass_manager import PassManager
@@ -85,7 +108,10 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     opaque = sntfx_meta(gm).get("opaque_modules", [])
     if opaque:
         console.print(f"[yellow]kept opaque (not traced, not expanded):[/] {', '.join(opaque)}")
-    save(gm, out_path)
+    started = weights_source(weights_file, pretrained)
+    if started:
+        console.print(f"started from {weights_file or 'the pretrained weights in the local cache'}", highlight=False)
+    save(gm, out_path, info={"initial_weights": started} if started else None)
     console.print(f"wrote [bold]{out_path}[/]")
 
 
@@ -107,16 +133,26 @@ def list_passes():
 
 @cli.command()
 @click.argument("model_file", metavar="SNT_MODEL", type=click.Path(dir_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Output .pt file (an sntfx model).")
+@click.option("--state-dict", "state_dict_path", default=None, type=click.Path(dir_okay=False),
+              help="Also (or only) write the folded weights as a state dict (.safetensors or .pt) under the original "
+                   "class's names: OriginalClass(...).load_state_dict(state, strict=True).")
 @click.option("--batchnorm", is_flag=True, help="Also fold the model's own BatchNorms into the layers before them.")
 @trust_options
-def fold(model_file, out, batchnorm, source_file, trust_source):
+def fold(model_file, out, state_dict_path, batchnorm, source_file, trust_source):
     """Fold every SNT block of SNT_MODEL back into its original layer, exactly."""
     from ..api import fold as do_fold
     from ..io import check_output_path
     from ..serialization import load, save
+    from ..weights import check_state_dict_path, original_state_dict, save_state_dict
 
-    out_path = check_output_path(out, [model_file])
+    if not out and not state_dict_path:
+        raise SntfxError("nothing to write: give --out FILE (the folded sntfx model), --state-dict FILE (its weights "
+                         "for the original model class), or both")
+    out_path = check_output_path(out, [model_file]) if out else None
+    sd_path = check_state_dict_path(check_output_path(state_dict_path, [model_file])) if state_dict_path else None
+    if out_path and sd_path and out_path.resolve() == sd_path.resolve():
+        raise SntfxError("--out and --state-dict name the same file; give each its own path")
     with console.status(f"loading {model_file} ..."):
         gm = load(model_file, model_file=source_file, trust_source=trust_source)
     gm, report = do_fold(gm, batchnorm=batchnorm, report=True, inplace=True)
@@ -128,8 +164,11 @@ def fold(model_file, out, batchnorm, source_file, trust_source):
             f"per-block relative error over {len(errs)} blocks: max {errs[-1]:.2e} ({info['worst_block']}), "
             f"median {errs[len(errs) // 2]:.2e}"
         )
-    save(gm, out_path)
-    console.print(f"wrote [bold]{out_path}[/]")
+    state = original_state_dict(gm) if sd_path else None  # checked before anything is written
+    written = [save(gm, out_path)] if out_path else []
+    if sd_path:
+        written.append(save_state_dict(state, sd_path))
+    console.print(f"wrote {' and '.join(f'[bold]{p}[/]' for p in written)}")
 
 
 @cli.command()

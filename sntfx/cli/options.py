@@ -1,5 +1,5 @@
 """Option types and checks shared by the commands: finite numbers, non-blank text, options that must
-not be ignored, the trust options, model-spec and file helpers."""
+not be ignored, the trust and initial-weights options, model-spec and file helpers."""
 
 from __future__ import annotations
 
@@ -84,6 +84,26 @@ def trust_options(fn):
     fn = click.option("--model-file", "source_file", default=None, type=click.Path(exists=True, dir_okay=False),
                       help="Rebuild from this model.py instead of the recorded one (naming it trusts it).")(fn)
     return fn
+
+
+def weights_options(fn):
+    """--weights and --pretrained for commands that build a model from a spec."""
+    fn = click.option("--pretrained", is_flag=True,
+                      help="Start from the pretrained weights of a torchvision: or timm: model, read from the "
+                           "local cache ($TORCH_HOME/hub/checkpoints, the Hugging Face hub cache); never "
+                           "downloaded.")(fn)
+    fn = click.option("--weights", "weights_file", default=None, type=click.Path(exists=True, dir_okay=False),
+                      help="Start from these weights: a state dict (.safetensors, .pt, .pth), loaded strictly.")(fn)
+    return fn
+
+
+def check_weights_options(spec, weights_file: str | None, pretrained: bool) -> None:
+    """Refuse --weights with --pretrained, and --pretrained for a model no cache holds weights for, before any work."""
+    if weights_file and pretrained:
+        raise SntfxError("--weights and --pretrained both set the initial weights: choose one")
+    if pretrained and spec.kind not in ("torchvision", "timm"):
+        raise SntfxError(f"--pretrained reads torchvision's and timm's local caches; '{spec}' is not from either: "
+                         "give its weights with --weights FILE")
 
 
 def model_spec(model: str, entry: str | None, kwargs: str | None):

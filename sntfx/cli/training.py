@@ -17,10 +17,13 @@ from .options import (
     NON_NEGATIVE,
     POSITIVE,
     TEXT,
+    check_weights_options,
     json_kwargs,
+    model_spec,
     only_with,
     trust_options,
     unique_names,
+    weights_options,
     world_size,
 )
 
@@ -56,10 +59,12 @@ from .options import (
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
 @click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.", type=TEXT)
 @click.option("--entry", default=None, help="Factory name in model.py.", type=TEXT)
+@weights_options
 @trust_options
 def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, adaptive, lr, weight_decay, batch_size,
           schedule, warmup_epochs, label_smoothing, seed, amp, no_online_fold, checkpoint_every, limit_batches,
-          deterministic, sync_bn, workers, device, resume, kwargs, entry, source_file, trust_source):
+          deterministic, sync_bn, workers, device, resume, kwargs, entry, weights_file, pretrained, source_file,
+          trust_source):
     """Train MODEL (a file from `sntfx transform`, or a model spec for the baselines).
 
     Launch with torchrun for DistributedDataParallel:
@@ -69,12 +74,16 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     from ..io import check_output_path
     from ..serialization import save
     from ..train import TrainConfig, Trainer, _dist_info, init_distributed, resolve_device, shutdown_distributed
+    from ..weights import weights_source
     from ..workflow import is_model_file, model_for_data
 
-    out_path = check_output_path(out, [model] + ([data_name] if Path(data_name).exists() else []))
+    out_path = check_output_path(out, [model] + [p for p in (data_name, weights_file) if p and Path(p).exists()])
     only_with(["sam_base", "rho", "adaptive"], optimizer == "sam", "--optimizer sam")
     saved = is_model_file(model)
-    only_with(["kwargs", "entry"], not saved, "a model spec (they are fixed in a saved model file)")
+    only_with(["kwargs", "entry", "weights_file", "pretrained"], not saved,
+              "a model spec (they are fixed in a saved model file)")
+    if not saved:
+        check_weights_options(model_spec(model, entry, kwargs), weights_file, pretrained)
     only_with(["source_file", "trust_source"], saved, "a saved model file (.pt)")
     only_with(["sync_bn"], world_size() > 1, "several processes (torchrun --nproc_per_node=N)")
     if warmup_epochs >= epochs:
@@ -93,12 +102,14 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
 
     torch.manual_seed(seed)  # the same initial weights in every process and every run with this seed
     gm = model_for_data(model, data.info, kwargs=json_kwargs(kwargs), entry=entry, model_file=source_file,
-                        trust_source=trust_source)
+                        trust_source=trust_source, weights=weights_file, pretrained=pretrained)
+    started = weights_source(weights_file, pretrained)
     with train_progress() as progress:
         result = Trainer(config, TrainProgress(progress, rank)).fit(gm, data, out_path, resume=resume)
     if rank == 0:
         final = result.final
-        save(gm, out_path, info={"training": config.to_dict(), "data": data.info.to_dict(), "history": result.history})
+        save(gm, out_path, info={"training": config.to_dict(), "data": data.info.to_dict(), "history": result.history,
+                                 **({"initial_weights": started} if started else {})})
         console.print(f"trained {len(result.history)} epochs in {result.seconds:.1f}s: test accuracy "
                       f"{final.get('test_accuracy', float('nan')):.2%}, train loss {final.get('train_loss', float('nan')):.4f}; "
                       f"wrote [bold]{out_path}[/]", highlight=False)
