@@ -64,7 +64,7 @@ class MagnitudePrune(Pass):
         if excluded:
             stats["excluded layers"] = len(excluded)
         if not layers or self.sparsity == 0:
-            return PassResult(gm, False, stats)
+            return PassResult(gm, False, stats, {"excluded": excluded})
         with torch.no_grad():
             if self.scope == "layer":
                 for _, m in layers:

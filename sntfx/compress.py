@@ -111,14 +111,16 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
           channel_sparsities: Sequence[float] = (), bits: Sequence[int] = (8, 6, 5, 4, 3),
           act_bits: Sequence[tuple[int, int]] = ((8, 8), (4, 8)), wanda_sparsities: Sequence[float] = (),
           nm_patterns: Sequence[str] = (), recalibrate_bn: bool = True, calib_batches: int = 16,
-          limit: int | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+          limit: int | None = None, progress: Callable[[str], None] | None = None,
+          exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Accuracy of ``gm`` under each compression setting, without fine-tuning.
 
     ``wanda_sparsities`` and ``nm_patterns`` are activation-aware (Wanda)
     pruning, unstructured per output row and N:M, calibrated on training
     images and followed by BatchNorm re-estimation when ``recalibrate_bn``;
     their results are under ``result["wanda"]`` keyed by the sparsity or the
-    pattern (``"0.5"``, ``"2:4"``).
+    pattern (``"0.5"``, ``"2:4"``). ``exclude`` (glob patterns over module
+    names) keeps those layers dense and in float in every setting.
     """
     from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune, WandaPrune
 
@@ -132,26 +134,27 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
         result["wanda"] = {}
     tick("float")
     for s in sparsities:
-        pruned = apply_pass(gm, MagnitudePrune(s), data).graph_module
+        pruned = apply_pass(gm, MagnitudePrune(s, exclude=exclude), data).graph_module
         result["sparsity"][str(s)] = accuracy(pruned, data, limit=limit)
         tick(f"sparsity {s}")
     for s in channel_sparsities:
-        pruned = apply_pass(gm, StructuredPrune(s), data).graph_module
+        pruned = apply_pass(gm, StructuredPrune(s, exclude=exclude), data).graph_module
         result["channel_sparsity"][str(s)] = {"accuracy": accuracy(pruned, data, limit=limit),
                                               "params": count_parameters(pruned)}
         tick(f"channels {s}")
     for setting in [*wanda_sparsities, *nm_patterns]:
-        p = WandaPrune(pattern=setting, recalibrate_bn=recalibrate_bn) if isinstance(setting, str) else \
-            WandaPrune(setting, recalibrate_bn=recalibrate_bn)
+        p = WandaPrune(pattern=setting, recalibrate_bn=recalibrate_bn, exclude=exclude) if isinstance(setting, str) \
+            else WandaPrune(setting, recalibrate_bn=recalibrate_bn, exclude=exclude)
         pruned = apply_pass(gm, p, data, calib_batches=calib_batches).graph_module
         result["wanda"][str(setting)] = accuracy(pruned, data, limit=limit)
         tick(f"wanda {setting}")
     for b in bits:
-        q = apply_pass(gm, SimulatedQuantize(wbits=b), data).graph_module
+        q = apply_pass(gm, SimulatedQuantize(wbits=b, exclude=exclude), data).graph_module
         result["bits"][str(b)] = accuracy(q, data, limit=limit)
         tick(f"W{b}")
     for wb, ab in act_bits:
-        q = apply_pass(gm, SimulatedQuantize(wbits=wb, abits=ab), data, calib_batches=calib_batches).graph_module
+        q = apply_pass(gm, SimulatedQuantize(wbits=wb, abits=ab, exclude=exclude), data,
+                       calib_batches=calib_batches).graph_module
         result["act_bits"][f"W{wb}A{ab}"] = accuracy(q, data, limit=limit)
         tick(f"W{wb}A{ab}")
     return result

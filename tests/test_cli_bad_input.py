@@ -111,6 +111,7 @@ TEXT_VALUES = {
     "models": ["nosuch:thing", "missing.py", "torchvision:no_such_net", ""],
     "data_name": ["no-such-dataset", ""],
     "device": ["bogus", "cuda:x", ""],
+    "exclude": ["", " "],
 }
 
 # Valid values that the command would ignore in this invocation: they must be refused, not dropped.
@@ -123,6 +124,7 @@ IGNORED = {
     "quantize": [["--act-method", "mse"], ["--calib-batches", "4"], ["--abits", "8"],
                  ["--data-dir", "{d}/folder"]],
     "export": [["--calib-method", "mse"], ["--min-agreement", "0.5"], ["--calib-batches", "4"], ["--int8"],
+               ["--exclude", "features.0"],
                ["--data-dir", "{d}/folder"]],
     "inspect": [["--data", "digits"], ["--data-dir", "{d}/folder"]],
     "transform": [["--ratio", "2"], ["--style", "branch", "--ratio", "2"], ["--entry", "build_model"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -12,8 +13,10 @@ from rich.logging import RichHandler
 from .. import __version__
 from ..errors import SntfxError
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped into a file or a CI log, tables keep every column: no 80-column truncation (COLUMNS still wins).
+_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def one_paragraph(message: str) -> str:

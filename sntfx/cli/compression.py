@@ -11,7 +11,8 @@ from rich.table import Table
 from ..errors import SntfxError
 from .app import cli, console
 from .console import TrainProgress, print_pass_report, train_progress
-from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_options, unique_names
+from .options import (FRACTION, POSITIVE, TEXT, alias, exclude_option, load_folded, merge_alias, only_with,
+                      trust_options, unique_names)
 
 
 @cli.command()
@@ -30,6 +31,7 @@ from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_opt
 @click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
 @click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
 @click.option("--exclude-last", is_flag=True, help="Keep the classifier dense (structured pruning always does).")
+@exclude_option
 @click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BatchNorm statistics on --data images afterwards.")
 @click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
@@ -38,7 +40,7 @@ from .options import FRACTION, POSITIVE, TEXT, load_folded, only_with, trust_opt
 @click.option("--lr", type=POSITIVE, default=1e-4, show_default=True, help="Fine-tuning learning rate (Adam).")
 @trust_options
 def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to, exclude_first, exclude_last,
-          recalibrate_bn, data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
+          exclude, recalibrate_bn, data_name, data_dir, finetune_epochs, lr, source_file, trust_source):
     """Prune a folded MODEL: magnitude or activation-aware (exact sparsity), N:M, or structured channels."""
     from sntfx.passes import MagnitudePrune, NMPrune, StructuredPrune, WandaPrune
 
@@ -72,17 +74,18 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
     try:
         if method == "magnitude":
             p = MagnitudePrune(sparsity, scope=scope or "global", exclude_first=exclude_first,
-                               exclude_last=exclude_last, recalibrate_bn=recalibrate_bn)
+                               exclude_last=exclude_last, recalibrate_bn=recalibrate_bn, exclude=exclude)
         elif method == "wanda":
             p = WandaPrune(sparsity, pattern=nm_pattern, scope=scope or "row", recalibrate_bn=recalibrate_bn,
-                           exclude_first=exclude_first, exclude_last=exclude_last)
+                           exclude_first=exclude_first, exclude_last=exclude_last, exclude=exclude)
         elif method == "nm":
             n, m = NMPrune.parse_pattern(nm_pattern or "2:4")
-            p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last, recalibrate_bn=recalibrate_bn)
+            p = NMPrune(n, m, exclude_first=exclude_first, exclude_last=exclude_last, recalibrate_bn=recalibrate_bn,
+                        exclude=exclude)
         else:
             p = StructuredPrune(sparsity, importance=importance or "magnitude", round_to=round_to,
                                 global_pruning=scope == "global", exclude_first=exclude_first,
-                                recalibrate_bn=recalibrate_bn)
+                                recalibrate_bn=recalibrate_bn, exclude=exclude)
     except ValueError as exc:
         raise SntfxError(str(exc)) from exc
     gm = load_folded(model, source_file, trust_source)
@@ -113,15 +116,20 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
 @click.option("--wbits", type=int, default=8, show_default=True)
 @click.option("--abits", type=int, default=None, help="Activation bits (4-8); needs --data for calibration.")
 @click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True)
-@click.option("--method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True, help="Weight clipping.")
-@click.option("--act-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True)
+@click.option("--clip", "method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True,
+              help="Weight range: max-abs (rtn) or MSE-optimal clipping.")
+@alias("--method", "method_alias", type=click.Choice(["rtn", "mse"]))
+@click.option("--calib-method", "act_method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax",
+              show_default=True, help="Activation-range calibration (with --abits).")
+@alias("--act-method", "act_method_alias", type=click.Choice(["minmax", "percentile", "mse"]))
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
+@exclude_option
 @click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @trust_options
-def quantize(model, out, wbits, abits, granularity, method, act_method, calib_batches, data_name, data_dir,
-             source_file, trust_source):
-    """Simulated post-training quantization of a folded MODEL (still a torch model)."""
+def quantize(model, out, wbits, abits, granularity, method, method_alias, act_method, act_method_alias, calib_batches,
+             exclude, data_name, data_dir, source_file, trust_source):
+    """Quantize a folded MODEL (weights, and activations with --abits); `sntfx export` ships it as QDQ ONNX."""
     from sntfx.passes import SimulatedQuantize
 
     from ..compress import accuracy, apply_pass
@@ -130,10 +138,13 @@ def quantize(model, out, wbits, abits, granularity, method, act_method, calib_ba
     from ..serialization import save
 
     out_path = check_output_path(out, [model])
+    method = merge_alias(method, method_alias, "method", "--clip", "--method")
+    act_method = merge_alias(act_method, act_method_alias, "act_method", "--calib-method", "--act-method")
     try:
-        p = SimulatedQuantize(wbits=wbits, abits=abits, granularity=granularity, method=method, act_method=act_method)
+        p = SimulatedQuantize(wbits=wbits, abits=abits, granularity=granularity, method=method, act_method=act_method,
+                              exclude=exclude)
     except ValueError as exc:
-        raise SntfxError(f"{exc} (--wbits / --abits)") from exc
+        raise SntfxError(f"{exc} (--wbits / --abits / --exclude)") from exc
     only_with(["act_method", "calib_batches"], abits is not None, "--abits BITS")
     only_with(["data_dir"], data_name is not None, "--data NAME")
     if abits is not None and not data_name:
@@ -170,11 +181,14 @@ def quantize(model, out, wbits, abits, granularity, method, act_method, calib_ba
 @click.option("--act-bits", default="8:8,4:8", show_default=True, help="W:A settings with calibrated activations.")
 @click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; PNG plots are written beside it.")
+@exclude_option
 @trust_options
-def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, source_file, trust_source):
+def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, exclude, source_file,
+          trust_source):
     """Accuracy of folded MODELS under pruning and quantization, without fine-tuning, on one set of axes."""
     from ..compress import check_sweep_settings, parse_sweep_axis
     from ..compress import sweep as run_sweep
+    from ..compress_utils import check_exclude
     from ..data import load_data
     from ..io import atomic_write, check_output_path
 
@@ -185,6 +199,10 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
     bw = parse_sweep_axis(bits, "bits", "--bits")
     ab = parse_sweep_axis(act_bits, "wa", "--act-bits")
     check_sweep_settings(sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab)
+    try:
+        exclude = check_exclude(exclude)
+    except ValueError as exc:
+        raise SntfxError(f"--exclude: {exc}") from exc
     names = unique_names(models)
     gms = {name: load_folded(m, source_file, trust_source) for name, m in zip(names, models)}
     data = load_data(data_name, data_dir=data_dir)
@@ -192,6 +210,7 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
     for name, gm in gms.items():
         with console.status(f"sweeping {name} ...") as status:
             results[name] = run_sweep(gm, data, sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab,
+                                      exclude=exclude,
                                       progress=lambda label, name=name: status.update(f"sweeping {name}: {label}"))
     table = Table(title=f"accuracy on {data.info.name} test ({len(data.test)} images), no fine-tuning")
     table.add_column("setting")

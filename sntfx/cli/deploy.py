@@ -10,12 +10,14 @@ from rich.table import Table
 
 from ..errors import SntfxError
 from .app import cli, console, err_console
-from .options import TEXT, FiniteFloat, only_with, trust_options
+from .options import TEXT, FiniteFloat, alias, merge_alias, only_with, trust_options
 
 
 @cli.command()
 @click.argument("model", type=TEXT)
-@click.option("--onnx", "onnx_path", required=True, type=click.Path(dir_okay=False), help="Output .onnx file (float).")
+@click.option("--out", "-o", "onnx_path", default=None, type=click.Path(dir_okay=False),
+              help="Output .onnx file (QDQ when MODEL was quantized by `sntfx quantize`).")
+@alias("--onnx", "onnx_alias", type=click.Path(dir_okay=False))
 @click.option("--opset", type=click.IntRange(min=13), default=18, show_default=True)
 @click.option("--dynamic-batch", is_flag=True, help="Make the batch dimension dynamic.")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,32,32 [from --data or the recipe].", type=TEXT)
@@ -35,7 +37,7 @@ from .options import TEXT, FiniteFloat, only_with, trust_options
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @trust_options
-def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
+def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
            calib_batches, calib_method, exclude, min_agreement, verify_samples, report_path, source_file, trust_source):
     """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
     import torch
@@ -48,6 +50,9 @@ def export(model, onnx_path, opset, dynamic_batch, input_shape, allow_expanded, 
     from ..tracing import inputs_from_spec, sntfx_meta
     from ..workflow import is_model_file
 
+    onnx_path = merge_alias(onnx_path, onnx_alias, "onnx_path", "--out", "--onnx")
+    if onnx_path is None:
+        raise SntfxError("give the output file: sntfx export MODEL --out model.onnx")
     out = check_output_path(onnx_path, [model])
     report_out = check_output_path(report_path, [model, onnx_path]) if report_path else None
     int8_path = check_output_path(out.with_name(out.stem + ".int8.onnx"), [model]) if int8 else None

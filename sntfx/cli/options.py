@@ -11,6 +11,27 @@ import click
 from ..errors import SntfxError
 
 
+def exclude_option(fn):
+    """``--exclude GLOB`` (repeatable): layers left alone, matched against module names."""
+    return click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
+                        help="Leave conv/linear layers whose module name matches GLOB alone (repeatable; e.g. "
+                             "--exclude features.0 --exclude '*.downsample.*'; `sntfx inspect` lists the names).")(fn)
+
+
+def alias(old: str, dest: str, **kwargs):
+    """A hidden old spelling of an option: ``@alias("--act-method", "act_method_alias")``."""
+    return click.option(old, dest, hidden=True, default=None, **kwargs)
+
+
+def merge_alias(value, old_value, dest: str, new_flag: str, old_flag: str):
+    """The value of option ``dest``, given with its new spelling ``new_flag`` or its old one (not both)."""
+    if old_value is None:
+        return value
+    if given(dest):
+        raise SntfxError(f"{old_flag} is the old spelling of {new_flag}: give only {new_flag}")
+    return old_value
+
+
 class FiniteFloat(click.ParamType):
     """A float that must be finite, optionally within bounds."""
 

@@ -41,6 +41,8 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--evaluate-on", type=click.Choice(["val", "test"]), default=None,
               help="Measure every accuracy after training on the validation split (for choices) or on the test split "
                    "(once, for the chosen configurations) [test]. Switching keeps the trained runs.")
+@click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
+              help="Layers every compression setting leaves dense and in float, by module name (repeatable).")
 @click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
 @click.option("--device", default=None, help="Training device: auto, cpu, cuda, cuda:N.", type=TEXT)
@@ -52,7 +54,7 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, limit_batches, eval_images, val_images, evaluate_on, onnx, provider, device, config_file, out,
+          ratio, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider, device, config_file, out,
           report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
@@ -86,7 +88,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
              "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
              "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
-             "evaluate_on": evaluate_on, "onnx": onnx,
+             "evaluate_on": evaluate_on, "exclude": list(exclude) or None, "onnx": onnx,
              "provider": provider, "device": device}
     overrides |= {k: v for k, v in from_cli.items() if v is not None}  # the command line wins over the file
     config = preset_config(preset, overrides)

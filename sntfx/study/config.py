@@ -137,6 +137,7 @@ class StudyConfig:
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics after activation-aware pruning
     val_images: int = 0  # training images held out as a validation split (stratified, the same for every run)
     evaluate_on: str = "test"  # val | test: the split every accuracy after training is measured on
+    exclude: list[str] = field(default_factory=list)  # glob patterns over module names: left dense and in float
     sharpness_batches: int = 4
     sharpness_batch_size: int = 128
     sharpness_iters: int = 30
@@ -167,6 +168,9 @@ class StudyConfig:
         if self.val_images < 0:
             raise SntfxError(f"val_images must be 0 (no validation split) or a number of training images, "
                              f"got {self.val_images}")
+        if not isinstance(self.exclude, list) or not all(isinstance(p, str) and p.strip() for p in self.exclude):
+            raise SntfxError(f"exclude must be a list of glob patterns over module names, e.g. [\"features.0\"], "
+                             f"got {self.exclude!r}")
         if self.evaluate_on not in ("val", "test"):
             raise SntfxError(f"evaluate_on must be val or test, not '{self.evaluate_on}'")
         if self.evaluate_on == "val" and not self.val_images:

@@ -74,12 +74,12 @@ STAGE_KEYS = {
     "evaluate": ("rho", "sharpness_batches", "sharpness_batch_size", "sharpness_iters", "trace_samples",
                  "landscape_steps", *SPLIT_KEYS),
     "sweep": ("sparsities", "channel_sparsities", "bits", "act_bits", "eval_images", "wanda_sparsities",
-              "nm_patterns", "recalibrate_bn", *SPLIT_KEYS),
-    "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images", *SPLIT_KEYS),
+              "nm_patterns", "recalibrate_bn", "exclude", *SPLIT_KEYS),
+    "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images", "act_bits", "exclude", *SPLIT_KEYS),
 }
 # Settings added after studies were first written, and the value that means what those studies did: left out of a
 # run's recorded settings at that value, so that a study written before them still resumes.
-ABSENT = {"val_images": 0, "evaluate_on": "test"}
+ABSENT = {"val_images": 0, "evaluate_on": "test", "exclude": []}
 
 
 # What a stage computes, when it grows: a stored result of an older version is redone on resume.
@@ -412,7 +412,7 @@ class Study:
         result = sweep(gm, self.eval_data, sparsities=c.sparsities, channel_sparsities=c.channel_sparsities,
                        bits=c.bits, wanda_sparsities=c.wanda_sparsities, nm_patterns=c.nm_patterns,
                        recalibrate_bn=c.recalibrate_bn,
-                       act_bits=[tuple(p) for p in c.act_bits], limit=self._eval_batches(),
+                       act_bits=[tuple(p) for p in c.act_bits], limit=self._eval_batches(), exclude=c.exclude,
                        progress=lambda label: tick(1.0 / n))
         result["test_images"] = min(len(self.eval_data.test), 256 * (self._eval_batches() or 10**9))
         result["split"] = c.evaluate_on
@@ -440,7 +440,7 @@ class Study:
             # Each W/A setting of the sweep, deployed: the same quantize pass, exported as QDQ, run on ORT.
             key, path = f"W{wb}A{ab}", int8 if (wb, ab) == (8, 8) else run.path / f"model.w{wb}a{ab}.onnx"
             try:
-                info = export_int8(gm, path, data, verify, wbits=wb, abits=ab)
+                info = export_int8(gm, path, data, verify, wbits=wb, abits=ab, exclude=tuple(c.exclude))
             except Exception as exc:  # noqa: BLE001 - a failed deployment is a result, not a crash
                 log.warning("%s: %s deployment failed: %s", run.label, key, exc)
                 if (wb, ab) == (8, 8):

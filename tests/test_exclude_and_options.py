@@ -1,0 +1,131 @@
+"""Ignored layers (--exclude GLOB) on every compression pass and command; option spellings; piped output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sntfx
+from sntfx.cli import cli
+from sntfx.compress import apply_pass
+from sntfx.pass_base import PassContext
+from sntfx.passes import MagnitudePrune, NMPrune, SimulatedQuantize, StructuredPrune, WandaPrune
+
+X = torch.zeros(2, 1, 8, 8)
+
+
+def _model():
+    torch.manual_seed(0)
+    return sntfx.trace("sntfx:cnn", X).eval()
+
+
+def _calib():
+    torch.manual_seed(1)
+    return [torch.randn(16, 1, 8, 8) for _ in range(2)]
+
+
+def _layers(gm):
+    return {n: m.weight.detach().clone() for n, m in gm.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+@pytest.mark.parametrize("make", [
+    lambda ex: MagnitudePrune(0.7, exclude=ex), lambda ex: WandaPrune(0.7, exclude=ex),
+    lambda ex: NMPrune(1, 2, exclude=ex), lambda ex: SimulatedQuantize(wbits=3, exclude=ex),
+    lambda ex: SimulatedQuantize(wbits=4, abits=8, exclude=ex)])
+def test_excluded_layers_are_left_alone_and_reported(make):
+    gm = _model()
+    before = _layers(gm)
+    first = next(iter(before))
+    ctx = PassContext(example_inputs=(X,), calibration=_calib())
+    report = sntfx.PassManager([make([first])]).run(gm, ctx, inplace=False)
+    after = _layers(report.graph_module)
+    res = report.passes[0]
+    if res.stats.get("batchnorms folded"):  # W/A quantization folds BatchNorms first (exact): not on a grid
+        assert first not in report.graph_module.meta["sntfx"]["quantized_weights"]
+        assert len(set(after[first].abs().flatten().tolist())) > 16
+    else:
+        assert torch.equal(after[first], before[first])  # untouched, bit for bit
+        assert any(not torch.equal(after[n], before[n]) for n in before if n != first)  # the others changed
+    assert res.stats["excluded layers"] == 1 and res.info["excluded"] == [first]
+
+
+def test_structured_pruning_keeps_the_channels_of_excluded_layers():
+    gm = _model()
+    first = next(iter(_layers(gm)))
+    ctx = PassContext(example_inputs=(X,))
+    out = sntfx.PassManager([StructuredPrune(0.5, exclude=[first])]).run(gm, ctx, inplace=False).graph_module
+    kept = out.get_submodule(first).weight.shape[0]
+    assert kept == gm.get_submodule(first).weight.shape[0]
+    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in gm.parameters())
+
+
+def test_a_glob_matches_module_names_and_a_pattern_matching_nothing_is_an_error():
+    gm = _model()
+    names = list(_layers(gm))
+    ctx = PassContext(calibration=_calib())
+    res = sntfx.PassManager([MagnitudePrune(0.5, exclude=["*"])]).run(gm, ctx, inplace=False).passes[0]
+    assert res.info["excluded"] == names
+    with pytest.raises(sntfx.SntfxError, match="matches none of the model's conv/linear layers"):
+        sntfx.PassManager([MagnitudePrune(0.5, exclude=["no_such_layer*"])]).run(gm, ctx, inplace=False)
+    with pytest.raises(ValueError, match="glob patterns"):
+        MagnitudePrune(0.5, exclude=[""])
+
+
+def _saved(tmp_path):
+    gm = _model()
+    sntfx.save(gm, tmp_path / "f.pt", source=sntfx.ModelSpec.parse("sntfx:cnn"))
+    return next(iter(_layers(gm))), tmp_path / "f.pt"
+
+
+def test_cli_prune_and_quantize_take_exclude(tmp_path):
+    first, model = _saved(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["prune", str(model), "--sparsity", "0.8", "--exclude", first, "-o", str(tmp_path / "p.pt")])
+    assert res.exit_code == 0, res.output
+    pruned = sntfx.load(tmp_path / "p.pt")
+    assert not bool((pruned.get_submodule(first).weight == 0).any())
+    res = runner.invoke(cli, ["quantize", str(model), "--wbits", "3", "--exclude", first, "-o", str(tmp_path / "q.pt")])
+    assert res.exit_code == 0, res.output
+    assert first not in sntfx.load(tmp_path / "q.pt").meta["sntfx"]["quantized_weights"]
+    res = runner.invoke(cli, ["prune", str(model), "--sparsity", "0.5", "--exclude", "nothing.here",
+                              "-o", str(tmp_path / "x.pt")])
+    assert res.exit_code == 2 and "matches none" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_old_option_spellings_still_work_and_cannot_be_mixed(tmp_path):
+    _, model = _saved(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["quantize", str(model), "--wbits", "4", "--method", "mse", "-o", str(tmp_path / "a.pt")])
+    assert res.exit_code == 0, res.output
+    assert sntfx.load(tmp_path / "a.pt").meta["sntfx"]["pipeline"][-1]["params"]["method"] == "mse"
+    res = runner.invoke(cli, ["quantize", str(model), "--clip", "rtn", "--method", "mse", "-o", str(tmp_path / "b.pt")])
+    assert res.exit_code == 2 and "old spelling of --clip" in res.output
+    res = runner.invoke(cli, ["export", str(model), "--onnx", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m.onnx").exists()
+    res = runner.invoke(cli, ["export", str(model), "-o", str(tmp_path / "n.onnx")])
+    assert res.exit_code == 0 and (tmp_path / "n.onnx").exists()
+    for command in (["export", "--help"], ["quantize", "--help"]):
+        text = runner.invoke(cli, command).output
+        assert "--onnx" not in text and "--act-method" not in text  # hidden aliases
+
+
+def test_tables_are_not_cut_to_80_columns_when_piped(tmp_path):
+    """CliRunner's stdout is not a terminal, like a CI log: the widest table row must survive whole."""
+    _, model = _saved(tmp_path)
+    res = CliRunner().invoke(cli, ["quantize", str(model), "--wbits", "4", "-o", str(tmp_path / "q.pt")])
+    assert res.exit_code == 0
+    assert max(len(line) for line in res.output.splitlines()) > 80 or "…" not in res.output
+    assert "…" not in res.output
+
+
+def test_study_config_takes_exclude():
+    from sntfx.study import StudyConfig
+
+    assert StudyConfig(exclude=["features.0"]).exclude == ["features.0"]
+    with pytest.raises(sntfx.SntfxError, match="exclude"):
+        StudyConfig(exclude="features.0")
