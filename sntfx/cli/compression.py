@@ -145,7 +145,7 @@ def quantize(model, out, wbits, abits, granularity, method, method_alias, act_me
                               exclude=exclude)
     except ValueError as exc:
         raise SntfxError(f"{exc} (--wbits / --abits / --exclude)") from exc
-    only_with(["act_method", "calib_batches"], abits is not None, "--abits BITS")
+    only_with(["act_method", "act_method_alias", "calib_batches"], abits is not None, "--abits BITS")
     only_with(["data_dir"], data_name is not None, "--data NAME")
     if abits is not None and not data_name:
         raise SntfxError("--abits needs --data to calibrate the activation ranges on real images")
