@@ -39,7 +39,6 @@ from torch import nn
 from sntfx.blocks.base import LayerConfig
 from sntfx.errors import SntfxError
 from sntfx.quant import ActQuant, weight_grid_scale
-from sntfx.tracing import sntfx_meta
 
 __all__ = ["is_quantized", "qdq_form", "integer_ops", "INTEGER_OPS"]
 

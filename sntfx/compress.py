@@ -102,9 +102,22 @@ def apply_pass(gm: fx.GraphModule, p: Pass, data: Data | None = None, *, calib_b
     return PassManager([p]).run(target, ctx, inplace=inplace)
 
 
-def accuracy(gm: torch.nn.Module, data: Data, *, batch_size: int = 256, limit: int | None = None) -> float:
-    loader = DataLoader(data.test, batch_size=batch_size)
-    return evaluate(gm, loader, torch.device("cpu"), limit=limit)["accuracy"]
+def accuracy(gm: torch.nn.Module, data: Data, *, batch_size: int = 256, limit: int | None = None,
+             device: torch.device | str | None = None, num_workers: int = 0) -> float:
+    """Top-1 accuracy on ``data.test`` (the first ``limit`` batches), computed on ``device`` (default: CPU).
+
+    The model is moved to ``device`` for the measurement and back to where
+    its parameters were; on a GPU the loader pins memory.
+    """
+    device = torch.device(device or "cpu")
+    loader = DataLoader(data.test, batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    home = next((p.device for p in gm.parameters()), device)
+    gm.to(device)
+    try:
+        return evaluate(gm, loader, device, limit=limit)["accuracy"]
+    finally:
+        gm.to(home)
 
 
 def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
@@ -112,7 +125,8 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
           act_bits: Sequence[tuple[int, int]] = ((8, 8), (4, 8)), wanda_sparsities: Sequence[float] = (),
           nm_patterns: Sequence[str] = (), recalibrate_bn: bool = True, calib_batches: int = 16,
           limit: int | None = None, progress: Callable[[str], None] | None = None,
-          exclude: Sequence[str] = ()) -> dict[str, Any]:
+          exclude: Sequence[str] = (), device: torch.device | str | None = None,
+          num_workers: int = 0) -> dict[str, Any]:
     """Accuracy of ``gm`` under each compression setting, without fine-tuning.
 
     ``wanda_sparsities`` and ``nm_patterns`` are activation-aware (Wanda)
@@ -120,7 +134,9 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
     images and followed by BatchNorm re-estimation when ``recalibrate_bn``;
     their results are under ``result["wanda"]`` keyed by the sparsity or the
     pattern (``"0.5"``, ``"2:4"``). ``exclude`` (glob patterns over module
-    names) keeps those layers dense and in float in every setting.
+    names) keeps those layers dense and in float in every setting. The
+    compression passes run on the CPU; every accuracy is measured on
+    ``device`` (the training device in a study).
     """
     from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune, WandaPrune
 
@@ -128,34 +144,38 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
                          wanda_sparsities=wanda_sparsities, nm_patterns=nm_patterns)
     ensure_folded(gm)
     tick = progress or (lambda label: None)
-    result: dict[str, Any] = {"float": accuracy(gm, data, limit=limit), "sparsity": {}, "channel_sparsity": {},
+
+    def measure(model) -> float:
+        return accuracy(model, data, limit=limit, device=device, num_workers=num_workers)
+
+    result: dict[str, Any] = {"float": measure(gm), "sparsity": {}, "channel_sparsity": {},
                               "bits": {}, "act_bits": {}}
     if wanda_sparsities or nm_patterns:
         result["wanda"] = {}
     tick("float")
     for s in sparsities:
         pruned = apply_pass(gm, MagnitudePrune(s, exclude=exclude), data).graph_module
-        result["sparsity"][str(s)] = accuracy(pruned, data, limit=limit)
+        result["sparsity"][str(s)] = measure(pruned)
         tick(f"sparsity {s}")
     for s in channel_sparsities:
         pruned = apply_pass(gm, StructuredPrune(s, exclude=exclude), data).graph_module
-        result["channel_sparsity"][str(s)] = {"accuracy": accuracy(pruned, data, limit=limit),
+        result["channel_sparsity"][str(s)] = {"accuracy": measure(pruned),
                                               "params": count_parameters(pruned)}
         tick(f"channels {s}")
     for setting in [*wanda_sparsities, *nm_patterns]:
         p = WandaPrune(pattern=setting, recalibrate_bn=recalibrate_bn, exclude=exclude) if isinstance(setting, str) \
             else WandaPrune(setting, recalibrate_bn=recalibrate_bn, exclude=exclude)
         pruned = apply_pass(gm, p, data, calib_batches=calib_batches).graph_module
-        result["wanda"][str(setting)] = accuracy(pruned, data, limit=limit)
+        result["wanda"][str(setting)] = measure(pruned)
         tick(f"wanda {setting}")
     for b in bits:
         q = apply_pass(gm, SimulatedQuantize(wbits=b, exclude=exclude), data).graph_module
-        result["bits"][str(b)] = accuracy(q, data, limit=limit)
+        result["bits"][str(b)] = measure(q)
         tick(f"W{b}")
     for wb, ab in act_bits:
         q = apply_pass(gm, SimulatedQuantize(wbits=wb, abits=ab, exclude=exclude), data,
                        calib_batches=calib_batches).graph_module
-        result["act_bits"][f"W{wb}A{ab}"] = accuracy(q, data, limit=limit)
+        result["act_bits"][f"W{wb}A{ab}"] = measure(q)
         tick(f"W{wb}A{ab}")
     return result
 

@@ -45,7 +45,10 @@ def batch_loss_fn(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.
     def loss() -> torch.Tensor:
         total = 0.0
         n = sum(len(y) for _, y in batches)
+        device = next((p.device for p in model.parameters()), None)  # the batches follow the model
         for x, y in batches:
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             total = total + F.cross_entropy(model(x), y, reduction="sum")
         return total / n
 

@@ -427,9 +427,10 @@ class Trainer:
         model.to(device)
         torch.manual_seed(c.seed)
         sampler = _EpochSampler(len(data.train), c.batch_size, c.seed, rank, world, c.limit_batches)
-        loader = DataLoader(data.train, batch_sampler=sampler, num_workers=c.num_workers)
+        pin = device.type == "cuda"  # page-locked host memory: faster, asynchronous copies to the GPU
+        loader = DataLoader(data.train, batch_sampler=sampler, num_workers=c.num_workers, pin_memory=pin)
         test_loader = DataLoader(data.test, batch_size=max(c.batch_size // world, 1), shuffle=False,
-                                 num_workers=c.num_workers)
+                                 num_workers=c.num_workers, pin_memory=pin)
         opt = self._optimizer(model)
         criterion = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
         result = TrainResult(rank=rank, world_size=world)

@@ -70,3 +70,24 @@ def test_make_demo_runs_the_quick_study(tmp_path):
     assert all("sweep" in r and "evaluate" in r for r in results["runs"])
 
 
+
+
+def test_the_readme_walkthrough_runs_literally(tmp_path):
+    """The README's end-to-end command sequence, line by line as written, in a fresh folder."""
+    import os
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- walkthrough: run as written by tests/test_docs.py -->\n```bash\n(.*?)```", readme,
+                      flags=re.S)
+    assert block, "the README lost its walkthrough block"
+    lines = [ln for ln in block.group(1).splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert [shlex.split(ln)[1] for ln in lines] == ["transform", "train", "fold", "prune", "quantize", "export",
+                                                    "bench"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for line in lines:
+        res = subprocess.run(shlex.split(line), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{line}\n{res.stdout}\n{res.stderr}"
+    for name in ("snt.pt", "snt_trained.pt", "folded.pt", "folded.safetensors", "pruned.pt", "int8.pt", "int8.json",
+                 "int8.onnx"):
+        assert (tmp_path / name).is_file(), name

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 import sntfx
 from sntfx.cli import cli
-from sntfx.compress import apply_pass
 from sntfx.pass_base import PassContext
 from sntfx.passes import MagnitudePrune, NMPrune, SimulatedQuantize, StructuredPrune, WandaPrune
 
@@ -129,3 +128,68 @@ def test_study_config_takes_exclude():
     assert StudyConfig(exclude=["features.0"]).exclude == ["features.0"]
     with pytest.raises(sntfx.SntfxError, match="exclude"):
         StudyConfig(exclude="features.0")
+
+
+def test_sweep_measures_on_the_given_device_and_gives_the_model_back(monkeypatch):
+    """The study's evaluation stages compute on the training device; the model returns to where it was."""
+    import sntfx.compress as compress
+    from sntfx.data import load_data
+
+    data = load_data("digits")
+    gm = sntfx.trace("sntfx:cnn", X).eval()
+    seen = []
+    real = compress.evaluate
+
+    def spy(model, loader, device, **kw):
+        seen.append((device, next(model.parameters()).device, loader.pin_memory))
+        return real(model, loader, device, **kw)
+
+    monkeypatch.setattr(compress, "evaluate", spy)
+    result = compress.sweep(gm, data, sparsities=(0.5,), bits=(8,), act_bits=((8, 8),), limit=1, device="cpu")
+    assert len(seen) == 4 and all(d == torch.device("cpu") and p == d and not pin for d, p, pin in seen)
+    assert result["float"] > 0 and next(gm.parameters()).device == torch.device("cpu")
+
+
+def test_the_study_evaluates_on_its_training_device(tmp_path):
+    from sntfx.study import Study, StudyConfig
+
+    study = Study(StudyConfig(device="cpu", num_workers=1, onnx=False), tmp_path / "s")
+    assert study.eval_device == torch.device("cpu")
+    assert study.train_config(study.runs()[0]).num_workers == 1
+    with pytest.raises(sntfx.SntfxError, match="num_workers"):
+        StudyConfig(num_workers=-1)
+
+
+def test_reporting_commands_write_versioned_json(tmp_path):
+    """--json FILE: one document per command, valid against the shipped schema, written only on success."""
+    import jsonschema
+
+    from sntfx.cli.report import SCHEMA
+
+    schema = json.loads((__import__("pathlib").Path(sntfx.__file__).parent / "schemas" /
+                         "command-report.schema.json").read_text())
+    runner = CliRunner()
+    snt = tmp_path / "snt.pt"
+    calls = {
+        "transform": ["transform", "sntfx:cnn", "--data", "digits", "--style", "linear", "-o", str(snt)],
+        "fold": ["fold", str(snt), "-o", str(tmp_path / "f.pt")],
+        "inspect": ["inspect", str(tmp_path / "f.pt")],
+        "prune": ["prune", str(tmp_path / "f.pt"), "--sparsity", "0.5", "-o", str(tmp_path / "p.pt")],
+        "quantize": ["quantize", str(tmp_path / "f.pt"), "--wbits", "8", "--abits", "8", "--data", "digits",
+                     "-o", str(tmp_path / "q.pt")],
+        "export": ["export", str(tmp_path / "q.pt"), "-o", str(tmp_path / "q.onnx"), "--data", "digits"],
+        "bench": ["bench", str(tmp_path / "q.onnx"), "--provider", "cpu", "--batch-sizes", "1", "--iters", "2",
+                  "--warmup", "1"],
+    }
+    for name, argv in calls.items():
+        out = tmp_path / f"{name}.json"
+        res = runner.invoke(cli, argv + ["--json", str(out)])
+        assert res.exit_code == 0, (name, res.output)
+        doc = json.loads(out.read_text())
+        jsonschema.validate(doc, schema)
+        assert doc["schema"] == SCHEMA and doc["command"] == name and doc["result"], name
+    assert json.loads((tmp_path / "prune.json").read_text())["result"]["sparsity"] > 0.4
+    assert json.loads((tmp_path / "export.json").read_text())["result"]["float"]["integer_ops"]
+    res = runner.invoke(cli, ["prune", str(tmp_path / "f.pt"), "--sparsity", "0.5", "--exclude", "nothing",
+                              "-o", str(tmp_path / "x.pt"), "--json", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and not (tmp_path / "x.json").exists()

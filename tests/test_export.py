@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import sntfx
 from sntfx.cli import cli
 from sntfx.data import load_data
-from sntfx.exporters import ExportError, bench_onnx, export_onnx, onnx_accuracy, verify_onnx
+from sntfx.exporters import ExportError, bench_onnx, export_onnx, onnx_accuracy
 from sntfx.graph_utils import randomize_
 from sntfx.train import TrainConfig, Trainer
 

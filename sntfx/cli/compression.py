@@ -9,6 +9,8 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
+from .report import json_option
+from .report import report as report_json
 from .app import cli, console
 from .console import TrainProgress, print_pass_report, train_progress
 from .options import (FRACTION, POSITIVE, TEXT, alias, exclude_option, load_folded, merge_alias, only_with,
@@ -16,6 +18,7 @@ from .options import (FRACTION, POSITIVE, TEXT, alias, exclude_option, load_fold
 
 
 @cli.command()
+@json_option
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--sparsity", type=FRACTION, default=None,
@@ -103,14 +106,18 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
     zeros = sum(int((q == 0).sum()) for n, q in gm.named_parameters() if n.endswith("weight") and q.dim() > 1)
     total = sum(q.numel() for n, q in gm.named_parameters() if n.endswith("weight") and q.dim() > 1)
     line = f"weights zero: {zeros / total:.2%} of {total:,}; parameters {sum(q.numel() for q in gm.parameters()):,}"
+    after = accuracy(gm, data) if data else None
     if data:
-        line += f"; accuracy {before:.2%} -> {accuracy(gm, data):.2%}"
+        line += f"; accuracy {before:.2%} -> {after:.2%}"
     console.print(line, highlight=False)
+    report_json(model=model, out=out_path, pipeline=report.to_dict()["passes"], sparsity=zeros / total,
+                accuracy_before=before, accuracy_after=after, finetune_epochs=finetune_epochs)
     save(gm, out_path)
     console.print(f"wrote [bold]{out_path}[/]")
 
 
 @cli.command()
+@json_option
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False))
 @click.option("--wbits", type=int, default=8, show_default=True)
@@ -165,13 +172,17 @@ def quantize(model, out, wbits, abits, granularity, method, method_alias, act_me
             row.append(f"{r.get('input_rel_error', float('nan')):.4f}")
         table.add_row(*row)
     console.print(table)
+    after = accuracy(gm, data) if data else None
     if data:
-        console.print(f"accuracy {before:.2%} -> {accuracy(gm, data):.2%}", highlight=False)
+        console.print(f"accuracy {before:.2%} -> {after:.2%}", highlight=False)
+    report_json(model=model, out=out_path, pipeline=report.to_dict()["passes"], accuracy_before=before,
+                accuracy_after=after)
     save(gm, out_path)
     console.print(f"wrote [bold]{out_path}[/]")
 
 
 @cli.command()
+@json_option
 @click.argument("models", nargs=-1, required=True, type=TEXT)
 @click.option("--data", "data_name", required=True, type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
@@ -228,6 +239,7 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
         table.add_row(label, *row)
     console.print(table)
     plots = sweep_plots(results, out_path, data.info.name)
+    report_json(data=data.info.to_dict(), results=results, out=out_path, plots=plots)
     atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps({"data": data.info.to_dict(), "results": results,
                                                                    "plots": plots}, indent=2)))
     console.print(f"wrote [bold]{out_path}[/] and {', '.join(plots)}")

@@ -9,11 +9,14 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
+from .report import json_option
+from .report import report as report_json
 from .app import cli, console, err_console
 from .options import TEXT, FiniteFloat, alias, merge_alias, only_with, trust_options
 
 
 @cli.command()
+@json_option
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", "onnx_path", default=None, type=click.Path(dir_okay=False),
               help="Output .onnx file (QDQ when MODEL was quantized by `sntfx quantize`).")
@@ -120,6 +123,7 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
                       f"simulated W8A8 model {check['top1_agreement']:.2%} on {check['samples']} inputs; ONNX Runtime "
                       f"runs {_integer_summary(int8_info['integer_ops'])}", highlight=False)
         payload["int8"] = {"path": str(int8_path), **int8_info}
+    report_json(**payload)
     if report_out:
         atomic_write(report_out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     console.print(f"wrote [bold]{out}[/]")
@@ -133,6 +137,7 @@ def _integer_summary(ops: dict[str, int]) -> str:
 
 
 @cli.command()
+@json_option
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--batch-sizes", default="1,8,32", show_default=True, type=TEXT)
@@ -191,6 +196,7 @@ def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out
             row.append(f"{r.accuracy:.2%}")
         table.add_row(*row)
     console.print(table)
+    report_json(results=[r.to_dict() for r in results])
     if out_path:
         atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps([r.to_dict() for r in results], indent=2)))
         console.print(f"wrote [bold]{out_path}[/]")

@@ -11,6 +11,8 @@ from ..blocks import get_style, style_names
 from ..blocks.registry import COST_SOURCE
 from ..errors import SntfxError
 from ..pipelines import DEFAULT_RATIO, DEFAULT_STYLE
+from .report import json_option
+from .report import report as report_json
 from .app import cli, console
 from .console import fmt_int, print_pass_report
 from .options import (
@@ -32,6 +34,7 @@ def style_cost(name: str) -> str:
 
 
 @cli.command()
+@json_option
 @click.argument("model", type=TEXT)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output .pt file.")
 @click.option("--style", type=click.Choice(style_names()), default=None,
@@ -103,8 +106,11 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     print_pass_report(report)
     from ..blocks import SNTBlock
 
-    for name in sorted({m.style for m in gm.modules() if isinstance(m, SNTBlock)}):
+    styles = sorted({m.style for m in gm.modules() if isinstance(m, SNTBlock)})
+    for name in styles:
         console.print(f"{name}: {style_cost(name)}", highlight=False)
+    report_json(model=model, out=out_path, pipeline=report.to_dict()["passes"],
+                styles={name: style_cost(name) for name in styles})
     opaque = sntfx_meta(gm).get("opaque_modules", [])
     if opaque:
         console.print(f"[yellow]kept opaque (not traced, not expanded):[/] {', '.join(opaque)}")
@@ -132,6 +138,7 @@ def list_passes():
 
 
 @cli.command()
+@json_option
 @click.argument("model_file", metavar="SNT_MODEL", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", default=None, type=click.Path(dir_okay=False), help="Output .pt file (an sntfx model).")
 @click.option("--state-dict", "state_dict_path", default=None, type=click.Path(dir_okay=False),
@@ -164,6 +171,7 @@ def fold(model_file, out, state_dict_path, batchnorm, source_file, trust_source)
             f"per-block relative error over {len(errs)} blocks: max {errs[-1]:.2e} ({info['worst_block']}), "
             f"median {errs[len(errs) // 2]:.2e}"
         )
+    report_json(model=model_file, pipeline=report.to_dict()["passes"], out=out_path, state_dict=sd_path)
     state = original_state_dict(gm) if sd_path else None  # checked before anything is written
     written = [save(gm, out_path)] if out_path else []
     if sd_path:
@@ -172,6 +180,7 @@ def fold(model_file, out, state_dict_path, batchnorm, source_file, trust_source)
 
 
 @cli.command()
+@json_option
 @click.argument("file", type=click.Path(dir_okay=False))
 @trust_options
 @click.option("--quant", "quant_bits", type=click.IntRange(2, 8), default=None, metavar="BITS",
@@ -218,6 +227,7 @@ def inspect(file, source_file, trust_source, quant_bits, data_name, data_dir, gr
         quant_report(gm, quant_bits, data_name, data_dir, file)
         return
     rows = layer_summary(gm)
+    report_json(file=file, source=source, pipeline=pipeline, layers=[vars(r) for r in rows])
     table = Table(title=f"{file}: source {source.get('kind')}:{Path(source['name']).name}, passes {pipeline}")
     for col, just in (("layer", "left"), ("kind", "left"), ("expansion", "left"), ("params", "right"),
                       ("folded", "right"), ("MACs", "right"), ("folded", "right")):
@@ -252,6 +262,7 @@ def quant_report(gm, bits: int, data_name, data_dir, file) -> None:
         inputs = inputs_from_spec(sntfx_meta(gm).get("input_spec", []))
         source = "random inputs (give --data for real ones)"
     rows = quant_readiness(gm, inputs, bits=bits)
+    report_json(file=file, bits=bits, inputs=source, layers=[vars(r) for r in rows])
     table = Table(title=f"{file}: W{bits} quantization readiness, sensitivity on {source}")
     for col in ("layer", "w min", "w max", "outlier max", "outlier med", f"W{bits} err/ch", f"W{bits} err/tensor",
                 "output change"):

@@ -45,7 +45,9 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
               help="Layers every compression setting leaves dense and in float, by module name (repeatable).")
 @click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
-@click.option("--device", default=None, help="Training device: auto, cpu, cuda, cuda:N.", type=TEXT)
+@click.option("--device", default=None, help="Training (and evaluation) device: auto, cpu, cuda, cuda:N.", type=TEXT)
+@click.option("--workers", "num_workers", type=click.IntRange(min=0), default=None,
+              help="Data-loader worker processes [0]; memory is pinned when a GPU is used.")
 @click.option("--config", "config_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="TOML or JSON file setting any study field (sparsities, bits, sharpness_iters, ...); "
                    "command-line options override it, and it overrides the preset.")
@@ -54,8 +56,8 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider, device, config_file, out,
-          report_only, trust_source):
+          ratio, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider, device, num_workers,
+          config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
     Resumable: run the same command again and finished stages are kept.
@@ -89,7 +91,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
              "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
              "evaluate_on": evaluate_on, "exclude": list(exclude) or None, "onnx": onnx,
-             "provider": provider, "device": device}
+             "provider": provider, "device": device, "num_workers": num_workers}
     overrides |= {k: v for k, v in from_cli.items() if v is not None}  # the command line wins over the file
     config = preset_config(preset, overrides)
     if out_dir.exists() and not out_dir.is_dir():

@@ -10,6 +10,8 @@ from rich.table import Table
 
 from ..errors import SntfxError
 from ..train import BASE_OPTIMIZERS, OPTIMIZERS
+from .report import json_option
+from .report import report as report_json
 from .app import cli, console
 from .console import TrainProgress, train_progress
 from .options import (
@@ -29,6 +31,7 @@ from .options import (
 
 
 @cli.command()
+@json_option
 @click.argument("model", type=TEXT)
 @click.option("--data", "data_name", required=True, help="digits, fashion-mnist, cifar10, cifar100, synthetic, or an ImageFolder dir.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
@@ -110,12 +113,15 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
         final = result.final
         save(gm, out_path, info={"training": config.to_dict(), "data": data.info.to_dict(), "history": result.history,
                                  **({"initial_weights": started} if started else {})})
+        report_json(model=model, out=out_path, data=data.info.to_dict(), training=config.to_dict(),
+                    history=result.history, final=final, seconds=result.seconds)
         console.print(f"trained {len(result.history)} epochs in {result.seconds:.1f}s: test accuracy "
                       f"{final.get('test_accuracy', float('nan')):.2%}, train loss {final.get('train_loss', float('nan')):.4f}; "
                       f"wrote [bold]{out_path}[/]", highlight=False)
 
 
 @cli.command()
+@json_option
 @click.argument("models", nargs=-1, required=True, type=TEXT)
 @click.option("--data", "data_name", required=True, help="Dataset the models were trained on.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
@@ -177,4 +183,5 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
     payload = {"data": data.info.to_dict(), "batches": batches, "batch_size": batch_size, "rho": rho,
                "results": results, "landscape_1d": curves1, "landscape_2d": curves2, "plots": plots}
     atomic_write(out_path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    report_json(out=out_path, **payload)
     console.print(f"wrote [bold]{out_path}[/]" + (f" and {', '.join(plots)}" if plots else ""))

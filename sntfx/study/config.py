@@ -147,7 +147,8 @@ class StudyConfig:
     bench_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     bench_iters: int = 30
     provider: str = "auto"  # ONNX Runtime: auto (the hardware present: CUDA, with TensorRT when installed, on a GPU machine; else the CPU) | tensorrt | cuda | cpu
-    device: str = "auto"
+    device: str = "auto"  # training device; the evaluation stages compute there too
+    num_workers: int = 0  # data-loader worker processes (training and evaluation); memory is pinned on a GPU
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -185,6 +186,8 @@ class StudyConfig:
                                  f"finite number, got {value!r}")
         if self.provider not in ("auto", "tensorrt", "cuda", "cpu"):
             raise SntfxError(f"--provider must be auto, tensorrt, cuda or cpu, not '{self.provider}'")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise SntfxError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
         if self.ratio < 1:
             raise SntfxError(f"--ratio must be at least 1, got {self.ratio}")
 

@@ -173,7 +173,15 @@ class Study:
         c = self.config
         return TrainConfig(epochs=c.epochs, batch_size=c.batch_size, optimizer="sam" if run.method.sam else c.optimizer,
                            sam_base=c.optimizer, lr=c.lr, weight_decay=c.weight_decay, rho=c.rho, seed=run.seed,
-                           limit_batches=c.limit_batches, device=c.device, online_fold=True)
+                           limit_batches=c.limit_batches, device=c.device, online_fold=True,
+                           num_workers=c.num_workers)
+
+    @property
+    def eval_device(self) -> torch.device:
+        """Where the evaluation stages compute (accuracies, Hessian, landscape): the training device."""
+        from ..train import resolve_device
+
+        return resolve_device(self.config.device)
 
     @property
     def data(self):
@@ -394,12 +402,14 @@ class Study:
 
         c = self.config
         gm = self._load(run)
-        acc = accuracy(gm, self.eval_data)
+        acc = accuracy(gm, self.eval_data, device=self.eval_device, num_workers=c.num_workers)
         tick(0.1)
         batches = self._sharpness_batches()
+        gm.to(self.eval_device)  # the batches follow the model (sharpness.batch_loss_fn)
         sharp = measure(gm, batches, rho=c.rho, iters=c.sharpness_iters, trace_samples=c.trace_samples, seed=0)
         tick(0.8)
         curve = landscape(gm, batch_loss_fn(gm, batches[:2]), steps=c.landscape_steps, span=1.0, seed=0)
+        gm.to("cpu")
         return {"float_accuracy": acc, "test_images": len(self.eval_data.test), "split": c.evaluate_on,
                 "sharpness": sharp, "landscape": curve, "weights": weight_statistics(gm)}
 
@@ -413,6 +423,7 @@ class Study:
                        bits=c.bits, wanda_sparsities=c.wanda_sparsities, nm_patterns=c.nm_patterns,
                        recalibrate_bn=c.recalibrate_bn,
                        act_bits=[tuple(p) for p in c.act_bits], limit=self._eval_batches(), exclude=c.exclude,
+                       device=self.eval_device, num_workers=c.num_workers,
                        progress=lambda label: tick(1.0 / n))
         result["test_images"] = min(len(self.eval_data.test), 256 * (self._eval_batches() or 10**9))
         result["split"] = c.evaluate_on
@@ -434,6 +445,7 @@ class Study:
         tick(0.2)
         out: dict[str, Any] = {"fp32": {"export": report.to_dict()}}
         int8 = run.path / "model.int8.onnx"
+        provider = c.provider  # auto: the hardware present (exporters.resolve_providers), as in `sntfx bench`
         out["deployed"] = {}
         settings = [tuple(p) for p in c.act_bits]
         for wb, ab in [(8, 8)] + [p for p in settings if p != (8, 8)]:
@@ -452,14 +464,14 @@ class Study:
                 n = len(data.test) if c.eval_images is None else min(c.eval_images, len(data.test))
                 subset = Subset(data.test, range(n))
                 out["deployed"][key] = {
-                    "simulated": evaluate(info["model"], DataLoader(subset, batch_size=256), torch.device("cpu"))[
-                        "accuracy"],
-                    "onnxruntime": onnx_accuracy(path, subset), "images": n, "integer_ops": info["integer_ops"]}
+                    "simulated": evaluate(info["model"].to(self.eval_device), DataLoader(subset, batch_size=256),
+                                          self.eval_device)["accuracy"],
+                    "onnxruntime": onnx_accuracy(path, subset, provider=provider), "images": n,
+                    "integer_ops": info["integer_ops"]}
                 if path != int8:
                     path.unlink()
         tick(0.3)
         limit = c.eval_images
-        provider = c.provider  # auto: the hardware present (exporters.resolve_providers), as in `sntfx bench`
         for kind, path in (("fp32", fp32), ("int8", int8)):
             if "error" in out[kind]:
                 continue
