@@ -25,9 +25,10 @@ Where they go (``scheme``):
 The result is still a torch model (its accuracy can be measured, it saves
 and loads), and it is what is deployed: the quantized layers are recorded in
 ``sntfx_meta(gm)["quantized_weights"]``, from which ``sntfx export`` writes
-the same function as a QDQ ONNX model (:mod:`sntfx.exporters.qdq`). ``info["layers"]`` reports, per layer, the relative weight
-quantization error and, with activations, the relative error of the
-quantized input on the calibration data.
+the same function as a QDQ ONNX model (:mod:`sntfx.exporters.qdq`).
+``info["layers"]`` reports, per layer, the relative weight quantization
+error and, with activations, the relative error of the quantized input on
+the calibration data.
 
 Requires: ``folded``. Numerics: changes the function.
 """
