@@ -443,3 +443,20 @@ def test_study_under_torchrun(tmp_path):
 def test_study_settings_are_checked_by_the_passes_before_anything_runs(field, value, match):
     with pytest.raises(SntfxError, match=match):
         StudyConfig(**{field: value})
+
+
+def test_every_quantization_setting_is_deployed_and_agrees_with_the_simulation(tiny_study):
+    """The onnx stage ships each W/A setting of the sweep as QDQ ONNX and runs it on ONNX Runtime."""
+    out, _ = tiny_study
+    results = json.loads((out / "results.json").read_text())
+    settings = {f"W{w}A{a}" for w, a in results["config"]["act_bits"]}
+    for run in results["runs"]:
+        deployed = run["onnx"]["deployed"]
+        assert set(deployed) == settings
+        for d in deployed.values():
+            assert 0 <= d["onnxruntime"] <= 1 and d["images"] >= 1
+        w8a8 = deployed.get("W8A8")
+        if w8a8:  # identical grids, the same images: the same accuracy up to a rounding flip or two
+            assert abs(w8a8["onnxruntime"] - w8a8["simulated"]) <= 2 / w8a8["images"] + 1e-9
+        assert run["onnx"]["int8"]["integer_ops"].get("total", 0) > 0
+    assert "Simulated vs deployed quantization" in (out / "report.md").read_text()
