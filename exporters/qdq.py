@@ -125,7 +125,7 @@ def qdq_form(gm: fx.GraphModule) -> fx.GraphModule:
 
     _ops()  # registered before the exporter builds its operator table
     out = copy.deepcopy(gm)
-    for p in out.parameters():  # torch.export traces fake-quantize without its autograd mask
+    for p in out.parameters():  # an inference graph: no autograd variants of the quantize operators
         p.requires_grad_(False)
     PassManager([FoldBatchNorm()]).run(out, inplace=True)
     for name, spec in quantized_layers(gm).items():

@@ -193,3 +193,11 @@ def test_reporting_commands_write_versioned_json(tmp_path):
     res = runner.invoke(cli, ["prune", str(tmp_path / "f.pt"), "--sparsity", "0.5", "--exclude", "nothing",
                               "-o", str(tmp_path / "x.pt"), "--json", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_export_int8_checks_exclude_before_writing_anything(tmp_path):
+    _, model = _saved(tmp_path)
+    res = CliRunner().invoke(cli, ["export", str(model), "-o", str(tmp_path / "m.onnx"), "--data", "digits", "--int8",
+                                   "--exclude", "no_such_layer"])
+    assert res.exit_code == 2 and "matches none" in res.output
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.int8.onnx").exists()

@@ -82,6 +82,13 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
             raise SntfxError(f"'{model}' is already quantized; export it without --int8 (it is written in QDQ form)")
         if is_expanded(gm) and not allow_expanded:
             raise SntfxError("--int8 quantizes the deployed model: fold it first (`sntfx fold`)")
+        if exclude:  # checked before anything is written
+            from ..compress_utils import check_exclude, select_layers
+
+            try:
+                select_layers(gm, exclude=check_exclude(exclude))
+            except ValueError as exc:
+                raise SntfxError(f"--exclude: {exc}") from exc
     if shape:
         example = (torch.randn(shape),)
     elif data is not None:

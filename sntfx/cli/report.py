@@ -41,7 +41,8 @@ def json_option(fn):
         from ..io import atomic_write, check_output_path
 
         ctx = click.get_current_context()
-        inputs = [str(v) for v in ctx.params.values() if isinstance(v, str)]
+        values = [v for p in ctx.params.values() for v in (p if isinstance(p, tuple) else (p,))]
+        inputs = [str(v) for v in values if isinstance(v, str)]  # every path the command reads or writes
         out = check_output_path(json_path, [v for v in inputs if v != json_path], option="--json") \
             if json_path else None
         result = fn(*args, **kwargs)
