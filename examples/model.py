@@ -9,9 +9,9 @@ from torch import nn
 
 
 class TinyNet(nn.Module):
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
         self.block = nn.Sequential(
             nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False),  # depthwise
             nn.BatchNorm2d(16),
@@ -26,8 +26,9 @@ class TinyNet(nn.Module):
         return self.head(self.block(self.stem(x)).mean((2, 3)))
 
 
-def build_model(num_classes: int = 10) -> nn.Module:
-    return TinyNet(num_classes)
+def build_model(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """``sntfx transform examples/model.py --data NAME`` sets both arguments from the dataset."""
+    return TinyNet(num_classes, in_channels)
 
 
 def example_inputs():

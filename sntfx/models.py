@@ -215,6 +215,28 @@ class ModelSpec:
             "or name yours with --entry NAME"
         )
 
+    def factory_parameters(self) -> set[str] | None:
+        """Keyword parameters of a model file's (or module's) factory; None when it takes ``**kwargs`` or is no function.
+
+        Imports the file, as building it does.
+        """
+        import inspect
+
+        if self.kind not in ("file", "import"):
+            return None
+        module = self._module(True)
+        obj = next((getattr(module, a) for a in ((self.entry,) if self.entry else FACTORY_NAMES)
+                    if getattr(module, a, None) is not None), None)
+        if obj is None or isinstance(obj, nn.Module) or not callable(obj):
+            return None
+        try:
+            params = inspect.signature(obj).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
     def _module(self, verify_hash: bool):
         if self.kind == "import":
             try:

@@ -28,7 +28,8 @@ def fit_to_data(spec: ModelSpec, info: DatasetInfo) -> dict[str, Any]:
     ``num_classes`` (and ``image_size`` where they take it), timm models
     ``in_chans`` and ``num_classes``, torchvision models ``num_classes`` and, for
     other than 3 channels, sntfx's ``in_channels`` (a new stem convolution).
-    A model file's factory has its own arguments: it is left as it is.
+    A model file's factory gets ``num_classes`` and ``in_channels`` (or
+    ``in_chans``) when its signature names them; otherwise it is left as it is.
     Returns the arguments set.
     """
     defaults: dict[str, Any] = {}
@@ -44,6 +45,13 @@ def fit_to_data(spec: ModelSpec, info: DatasetInfo) -> dict[str, Any]:
             defaults["in_channels"] = info.channels
     elif spec.kind == "timm":
         defaults = {"num_classes": info.num_classes, "in_chans": info.channels}
+    elif spec.kind in ("file", "import"):
+        params = spec.factory_parameters() or set()
+        if "num_classes" in params:
+            defaults["num_classes"] = info.num_classes
+        channels = next((n for n in ("in_channels", "in_chans") if n in params), None)
+        if channels:
+            defaults[channels] = info.channels
     added = {k: v for k, v in defaults.items() if k not in spec.kwargs}
     spec.kwargs = {**defaults, **spec.kwargs}
     return added
@@ -68,8 +76,8 @@ def fit_hint(kind: str, name: str, info: DatasetInfo, *, saved: bool = False) ->
         import json
 
         return (f"{redo}sntfx:{name} takes {', '.join(args)}: --kwargs '{json.dumps(args)}'")
-    return (f"{redo}a model file's factory takes its own arguments: pass those that set {c} input channels and "
-            f"{n} classes with --kwargs, or change the model file")
+    return (f"{redo}a model file's factory takes its own arguments: name them num_classes and in_channels (or "
+            f"in_chans) and --data sets them to {n} and {c}, or pass the ones it has with --kwargs")
 
 
 def check_fits_data(model: torch.nn.Module, info: DatasetInfo, *, what: str, kind: str, name: str = "",

@@ -46,6 +46,21 @@ def test_example_model_and_policy_with_the_cli(tmp_path):
     assert "skip: first layer: 1" in res.stdout and "expanded: qa-branch: 1" in res.stdout
 
 
+def test_transform_data_builds_a_model_file_for_the_dataset(tmp_path):
+    """examples/model.py names num_classes and in_channels: --data sets them (digits: 1 channel, 10 classes)."""
+    import sntfx
+
+    out = tmp_path / "snt.pt"
+    res = subprocess.run([sys.executable, "-m", "sntfx", "transform", str(ROOT / "examples" / "model.py"), "--data",
+                          "digits", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    gm = sntfx.load(out)
+    assert gm.meta["sntfx"]["source"]["kwargs"] == {"num_classes": 10, "in_channels": 1}
+    import torch
+
+    assert gm.eval()(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_make_demo_runs_the_quick_study(tmp_path):
     """`make demo` runs: its own recipe, on this environment, cut to a few batches, writes a study report.
 
