@@ -36,7 +36,7 @@ from .options import TEXT, FiniteFloat, alias, merge_alias, only_with, trust_opt
 @click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
               help="With --int8: leave layers whose module name matches GLOB in float (repeatable).")
 @click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
-              help="Top-1 agreement with the float model an int8 model must reach on the verification data.")
+              help="Top-1 agreement with the simulated W8A8 model the int8 file must reach on the verification data.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @trust_options
