@@ -15,12 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export_int8", "CALIBRATION_METHODS"]
+__all__ = ["export_int8"]
 
 log = logging.getLogger(__name__)
-
-#: Activation-range calibrations (see :class:`sntfx.quant.ActQuant`).
-CALIBRATION_METHODS = ("minmax", "percentile", "mse")
 
 
 def export_int8(model, int8_path: str | Path, data, verify_inputs: tuple, *, example_inputs: tuple | None = None,
@@ -41,8 +38,6 @@ def export_int8(model, int8_path: str | Path, data, verify_inputs: tuple, *, exa
 
     from .onnx_export import export_onnx
 
-    if calib_method not in CALIBRATION_METHODS:
-        raise ValueError(f"unknown calibration method '{calib_method}'; use {', '.join(CALIBRATION_METHODS)}")
     p = SimulatedQuantize(wbits=wbits, abits=abits, act_method=calib_method, exclude=exclude)
     quantized = apply_pass(model, p, data, calib_batches=calib_batches).graph_module
     example = example_inputs or (verify_inputs[0][:1],)

@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from sntfx.compress_utils import check_exclude, select_layers
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
-from sntfx.quant import ActQuant, fake_quant_weight
+from sntfx.quant import ACT_METHODS, ActQuant, fake_quant_weight
 from sntfx.tracing import sntfx_meta
 
 __all__ = ["SimulatedQuantize"]
@@ -75,7 +75,7 @@ class SimulatedQuantize(Pass):
             raise ValueError(f"granularity must be 'channel' or 'tensor', got {granularity!r}")
         if method not in ("rtn", "mse"):
             raise ValueError(f"method must be 'rtn' or 'mse', got {method!r}")
-        if act_method not in ("minmax", "percentile", "mse"):
+        if act_method not in ACT_METHODS:
             raise ValueError(f"act_method must be minmax, percentile or mse, got {act_method!r}")
         self.wbits, self.abits, self.granularity, self.method = wbits, abits, granularity, method
         self.act_method, self.exclude_first, self.exclude_last = act_method, bool(exclude_first), bool(exclude_last)

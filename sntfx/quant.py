@@ -17,18 +17,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["fake_quant_weight", "weight_scale", "weight_grid_scale", "ActQuant", "CLIP_GRID"]
+__all__ = ["fake_quant_weight", "weight_scale", "weight_grid_scale", "ActQuant", "CLIP_GRID", "ACT_METHODS"]
 
 CLIP_GRID = torch.linspace(0.3, 1.0, 36).tolist()
+#: How an activation range is calibrated (:class:`ActQuant`).
+ACT_METHODS = ("minmax", "percentile", "mse")
 
 
 def _qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def _rows(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """``w`` as one row per output channel, or as a single row."""
+    return w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+
+
+def _shaped(scale: torch.Tensor, w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """One scale per row, shaped to broadcast against ``w`` (``(C, 1, ...)``), or a scalar."""
+    return scale.reshape(-1, *([1] * (w.dim() - 1))) if per_channel else scale.reshape(())
+
+
 def weight_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, method: str = "rtn") -> torch.Tensor:
     """Scale per output channel (shape ``(C, 1, ...)``) or per tensor (a scalar)."""
-    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+    flat = _rows(w, per_channel)
     amax = flat.abs().amax(dim=1).clamp(min=1e-12)
     qmax = _qmax(bits)
     if method == "rtn":
@@ -45,9 +57,7 @@ def weight_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True, method
             scale = torch.where(better, s.squeeze(1), scale)
     else:
         raise ValueError(f"unknown weight quantization method '{method}'; use rtn or mse")
-    if per_channel:
-        return scale.reshape(-1, *([1] * (w.dim() - 1)))
-    return scale.reshape(())
+    return _shaped(scale, w, per_channel)
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, *, per_channel: bool = True, method: str = "rtn") -> torch.Tensor:
@@ -65,12 +75,8 @@ def weight_grid_scale(w: torch.Tensor, bits: int, *, per_channel: bool = True) -
     there), so ``max |w| / qmax`` is the scale; an all-zero channel gets 1.
     Shape as :func:`weight_scale`.
     """
-    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
-    amax = flat.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / _qmax(bits), torch.ones_like(amax))
-    if per_channel:
-        return scale.reshape(-1, *([1] * (w.dim() - 1)))
-    return scale.reshape(())
+    amax = _rows(w, per_channel).abs().amax(dim=1)
+    return _shaped(torch.where(amax > 0, amax / _qmax(bits), torch.ones_like(amax)), w, per_channel)
 
 
 class ActQuant(nn.Module):
@@ -83,7 +89,7 @@ class ActQuant(nn.Module):
 
     def __init__(self, bits: int = 8, method: str = "minmax", percentile: float = 99.99):
         super().__init__()
-        if method not in ("minmax", "percentile", "mse"):
+        if method not in ACT_METHODS:
             raise ValueError(f"unknown activation calibration '{method}'; use minmax, percentile or mse")
         self.bits, self.method, self.percentile = bits, method, percentile
         self.register_buffer("scale", torch.tensor(1.0))

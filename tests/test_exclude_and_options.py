@@ -113,13 +113,19 @@ def test_old_option_spellings_still_work_and_cannot_be_mixed(tmp_path):
         assert "--onnx" not in text and "--act-method" not in text  # hidden aliases
 
 
-def test_tables_are_not_cut_to_80_columns_when_piped(tmp_path):
-    """CliRunner's stdout is not a terminal, like a CI log: the widest table row must survive whole."""
-    _, model = _saved(tmp_path)
-    res = CliRunner().invoke(cli, ["quantize", str(model), "--wbits", "4", "-o", str(tmp_path / "q.pt")])
-    assert res.exit_code == 0
-    assert max(len(line) for line in res.output.splitlines()) > 80 or "…" not in res.output
-    assert "…" not in res.output
+def test_tables_are_not_cut_to_80_columns_when_piped():
+    """Piped (a file, a CI log), the console is 200 columns wide instead of rich's 80; COLUMNS still wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from sntfx.cli.app import console, err_console; print(console.width, err_console.width)"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    piped = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert piped.stdout.split() == ["200", "200"]
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "COLUMNS": "90"}, capture_output=True,
+                            text=True, check=True)
+    assert chosen.stdout.split() == ["90", "90"]
 
 
 def test_study_config_takes_exclude():
@@ -145,16 +151,17 @@ def test_sweep_measures_on_the_given_device_and_gives_the_model_back(monkeypatch
         return real(model, loader, device, **kw)
 
     monkeypatch.setattr(compress, "evaluate", spy)
-    result = compress.sweep(gm, data, sparsities=(0.5,), bits=(8,), act_bits=((8, 8),), limit=1, device="cpu")
-    assert len(seen) == 4 and all(d == torch.device("cpu") and p == d and not pin for d, p, pin in seen)
+    # "cpu:0" is a device distinct from the default "cpu": the spy sees which one the sweep used
+    result = compress.sweep(gm, data, sparsities=(0.5,), bits=(8,), act_bits=((8, 8),), limit=1, device="cpu:0")
+    assert len(seen) == 4 and all(d == torch.device("cpu:0") and p.type == "cpu" and not pin for d, p, pin in seen)
     assert result["float"] > 0 and next(gm.parameters()).device == torch.device("cpu")
 
 
 def test_the_study_evaluates_on_its_training_device(tmp_path):
     from sntfx.study import Study, StudyConfig
 
-    study = Study(StudyConfig(device="cpu", num_workers=1, onnx=False), tmp_path / "s")
-    assert study.eval_device == torch.device("cpu")
+    study = Study(StudyConfig(device="cpu:0", num_workers=1, onnx=False), tmp_path / "s")
+    assert study.eval_device == torch.device("cpu:0")
     assert study.train_config(study.runs()[0]).num_workers == 1
     with pytest.raises(sntfx.SntfxError, match="num_workers"):
         StudyConfig(num_workers=-1)

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import lr_scheduler
 
@@ -226,32 +225,6 @@ def test_without_a_model_it_warns_once(caplog):
             sam.step(_closure(sam, model, x, y, nn.functional.cross_entropy))
     assert len([r for r in caplog.records if "SAM has no model" in r.getMessage()]) == 1
     assert model[1].num_batches_tracked.item() == 4  # both passes of both steps: what model= avoids
-
-
-def test_closure_step_under_ddp_all_reduces_once(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-        ddp = nn.parallel.DistributedDataParallel(model)
-        calls = []
-
-        def hook(state, bucket):
-            calls.append(1)
-            fut = torch.futures.Future()
-            fut.set_result(bucket.buffer())
-            return fut
-
-        ddp.register_comm_hook(None, hook)
-        x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-        sam = SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        plain = len(calls)
-        calls.clear()
-        sam.model = ddp
-        sam.step(_closure(sam, ddp, x, y, nn.functional.cross_entropy))
-        assert plain >= 1 and len(calls) == plain
-    finally:
-        dist.destroy_process_group()
 
 
 def test_per_group_rho_and_added_groups():

@@ -72,8 +72,9 @@ def test_batchnorm_statistics_are_updated_once_per_step():
     assert bn.num_batches_tracked.item() == 1
 
 
-def test_sam_does_not_all_reduce_the_first_gradient(tmp_path):
-    """Under DDP only the perturbed pass's gradient is all-reduced (one all-reduce per step)."""
+@pytest.mark.parametrize("form", ["step(model, loss_fn)", "step(closure)"])
+def test_sam_does_not_all_reduce_the_first_gradient(tmp_path, form):
+    """Under DDP only the perturbed pass's gradient is all-reduced (one all-reduce per step), in either call form."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -92,7 +93,18 @@ def test_sam_does_not_all_reduce_the_first_gradient(tmp_path):
         nn.functional.cross_entropy(ddp(x), y).backward()
         plain = len(calls)
         calls.clear()
-        sam.step(ddp, lambda: nn.functional.cross_entropy(ddp(x), y))
+        if form == "step(closure)":
+            sam.model = ddp
+
+            def closure():
+                sam.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(x), y)
+                loss.backward()
+                return loss
+
+            sam.step(closure)
+        else:
+            sam.step(ddp, lambda: nn.functional.cross_entropy(ddp(x), y))
         assert plain >= 1 and len(calls) == plain
     finally:
         dist.destroy_process_group()

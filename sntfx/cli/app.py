@@ -13,10 +13,13 @@ from rich.logging import RichHandler
 from .. import __version__
 from ..errors import SntfxError
 
-# Piped into a file or a CI log, tables keep every column: no 80-column truncation (COLUMNS still wins).
-_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200
-console = Console(width=_WIDTH)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 200)
+def _width(stream) -> int | None:
+    """Piped into a file or a CI log, tables keep every column: 200, not rich's 80 (COLUMNS still wins)."""
+    return None if stream.isatty() or os.environ.get("COLUMNS") else 200
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 
 def one_paragraph(message: str) -> str:

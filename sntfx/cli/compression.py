@@ -9,9 +9,9 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
-from .report import json_option
-from .report import report as report_json
+from ..quant import ACT_METHODS
 from .app import cli, console
+from .report import json_option, report as report_json
 from .console import TrainProgress, print_pass_report, train_progress
 from .options import (FRACTION, POSITIVE, TEXT, alias, exclude_option, load_folded, merge_alias, only_with,
                       trust_options, unique_names)
@@ -34,7 +34,7 @@ from .options import (FRACTION, POSITIVE, TEXT, alias, exclude_option, load_fold
 @click.option("--round-to", type=click.IntRange(min=1), default=None, help="Structured: channel counts multiple of N.")
 @click.option("--exclude-first", is_flag=True, help="Keep the first layer dense.")
 @click.option("--exclude-last", is_flag=True, help="Keep the classifier dense (structured pruning always does).")
-@exclude_option
+@exclude_option()
 @click.option("--recalibrate-bn", is_flag=True, help="Re-estimate BatchNorm statistics on --data images afterwards.")
 @click.option("--data", "data_name", default=None, help="Dataset: accuracy before/after, Taylor importance, fine-tuning.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
@@ -126,11 +126,11 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
 @click.option("--clip", "method", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True,
               help="Weight range: max-abs (rtn) or MSE-optimal clipping.")
 @alias("--method", "method_alias", type=click.Choice(["rtn", "mse"]))
-@click.option("--calib-method", "act_method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax",
+@click.option("--calib-method", "act_method", type=click.Choice(ACT_METHODS), default="minmax",
               show_default=True, help="Activation-range calibration (with --abits).")
-@alias("--act-method", "act_method_alias", type=click.Choice(["minmax", "percentile", "mse"]))
+@alias("--act-method", "act_method_alias", type=click.Choice(ACT_METHODS))
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
-@exclude_option
+@exclude_option()
 @click.option("--data", "data_name", default=None, help="Calibrate activations on (and measure accuracy on) this dataset.", type=TEXT)
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
 @trust_options
@@ -192,7 +192,7 @@ def quantize(model, out, wbits, abits, granularity, method, method_alias, act_me
 @click.option("--act-bits", default="8:8,4:8", show_default=True, help="W:A settings with calibrated activations.")
 @click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; PNG plots are written beside it.")
-@exclude_option
+@exclude_option()
 @trust_options
 def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, exclude, source_file,
           trust_source):

@@ -9,10 +9,10 @@ import click
 from rich.table import Table
 
 from ..errors import SntfxError
-from .report import json_option
-from .report import report as report_json
+from ..quant import ACT_METHODS
 from .app import cli, console, err_console
-from .options import TEXT, FiniteFloat, alias, merge_alias, only_with, trust_options
+from .report import json_option, report as report_json
+from .options import TEXT, FiniteFloat, alias, exclude_option, merge_alias, only_with, trust_options
 
 
 @cli.command()
@@ -31,10 +31,9 @@ from .options import TEXT, FiniteFloat, alias, merge_alias, only_with, trust_opt
 @click.option("--int8", is_flag=True, help="Also write OUT.int8.onnx: the model quantized W8A8 exactly as `sntfx "
               "quantize --wbits 8 --abits 8` does (what the sweeps measure), as QDQ ONNX.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--calib-method", type=click.Choice(["minmax", "percentile", "mse"]), default="minmax", show_default=True,
+@click.option("--calib-method", type=click.Choice(ACT_METHODS), default="minmax", show_default=True,
               help="Activation-range calibration for --int8.")
-@click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
-              help="With --int8: leave layers whose module name matches GLOB in float (repeatable).")
+@exclude_option("With --int8: leave layers whose module name matches GLOB in float")
 @click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
               help="Top-1 agreement with the simulated W8A8 model the int8 file must reach on the verification data.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)

@@ -11,9 +11,8 @@ from ..blocks import get_style, style_names
 from ..blocks.registry import COST_SOURCE
 from ..errors import SntfxError
 from ..pipelines import DEFAULT_RATIO, DEFAULT_STYLE
-from .report import json_option
-from .report import report as report_json
 from .app import cli, console
+from .report import json_option, report as report_json
 from .console import fmt_int, print_pass_report
 from .options import (
     TEXT,

@@ -11,11 +11,11 @@ import click
 from ..errors import SntfxError
 
 
-def exclude_option(fn):
-    """``--exclude GLOB`` (repeatable): layers left alone, matched against module names."""
+def exclude_option(what: str = "Leave conv/linear layers whose module name matches GLOB alone"):
+    """``--exclude GLOB`` (repeatable): layers left alone, matched against module names; ``what`` starts the help."""
     return click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
-                        help="Leave conv/linear layers whose module name matches GLOB alone (repeatable; e.g. "
-                             "--exclude features.0 --exclude '*.downsample.*'; `sntfx inspect` lists the names).")(fn)
+                        help=f"{what} (repeatable; e.g. --exclude features.0 --exclude '*.downsample.*'; "
+                             "`sntfx inspect` lists the names).")
 
 
 def alias(old: str, dest: str, **kwargs):

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import SntfxError
 from .app import cli, console
 from .console import StudyProgress, study_progress
-from .options import NON_NEGATIVE, POSITIVE, TEXT, given
+from .options import NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 
 
 @cli.command()
@@ -41,8 +41,7 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, given
 @click.option("--evaluate-on", type=click.Choice(["val", "test"]), default=None,
               help="Measure every accuracy after training on the validation split (for choices) or on the test split "
                    "(once, for the chosen configurations) [test]. Switching keeps the trained runs.")
-@click.option("--exclude", multiple=True, type=TEXT, metavar="GLOB",
-              help="Layers every compression setting leaves dense and in float, by module name (repeatable).")
+@exclude_option("Layers whose module name matches GLOB stay dense and in float in every compression setting")
 @click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
 @click.option("--device", default=None, help="Training (and evaluation) device: auto, cpu, cuda, cuda:N.", type=TEXT)

@@ -10,9 +10,8 @@ from rich.table import Table
 
 from ..errors import SntfxError
 from ..train import BASE_OPTIMIZERS, OPTIMIZERS
-from .report import json_option
-from .report import report as report_json
 from .app import cli, console
+from .report import json_option, report as report_json
 from .console import TrainProgress, train_progress
 from .options import (
     FRACTION,
