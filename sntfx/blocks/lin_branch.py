@@ -79,18 +79,31 @@ class LinearizedBranchBlock(SNTBlock):
 
     # -- the composed kernel ---------------------------------------------------------
     def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``W`` (differentiable, in ``dtype`` or the parameters' dtype)."""
+        """``W`` (differentiable, in ``dtype`` or the parameters' dtype).
+
+        Built with one full-kernel operation: the average path is the same
+        ``C_out x C_in`` matrix on every tap, so ``W = a_k W_k + a_avg W_avg / |k|``
+        is a single broadcast ``addcmul``; the ``1x1`` and identity branches
+        live on the centre tap only and are added to that slice in place.
+        """
         c = self.config
         dtype = dtype or self.main.weight.dtype
         bc = (slice(None),) + (None,) * (len(c.weight_shape()) - 1)
         s = {n: p.to(dtype) for n, p in self.scales.items()}
-        w = s["main"][bc] * self.main.weight.to(dtype)
-        if self.aux is not None:
-            w = w + s["aux"][bc] * place_centre(c, self.aux.weight.to(dtype))
-            spread = (self.avg_proj.weight.to(dtype) / c.ktaps).expand(c.weight_shape())
-            w = w + s["avg"][bc] * spread
+        main = self.main.weight.to(dtype)
+        if self.aux is None:
+            w = s["main"][bc] * main
+            if self.has_identity:
+                w = w + delta_kernel(c, s["identity"])
+            return w
+        # avg path, (O, I/g, 1, ..): one value per (o, i), spread evenly over the taps
+        spread = self.avg_proj.weight.to(dtype) * (s["avg"] / c.ktaps)[bc]
+        w = torch.addcmul(spread, s["main"][bc], main)  # broadcast over the taps: one pass over the kernel
+        centre = self.aux.weight.to(dtype).flatten(1) * s["aux"][:, None]  # (O, I/g): the 1x1 branch
         if self.has_identity:
-            w = w + delta_kernel(c, s["identity"])
+            idx = torch.arange(c.out_features, device=centre.device)
+            centre = centre.index_put((idx, idx % centre.shape[1]), s["identity"], accumulate=True)
+        w[(Ellipsis, *c.center)] += centre
         return w
 
     def folded_weight_bias(self):
