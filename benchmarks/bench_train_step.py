@@ -63,14 +63,15 @@ def variant_names(styles: list[str] | None = None, explicit: bool = True) -> lis
     return names
 
 
-def build(model_name: str, variant: str, device: torch.device):
+def build(model_name: str, variant: str, device: torch.device, batch: int = 128, budget="default"):
     spec, kwargs, shape, _, _ = MODELS[model_name]
     torch.manual_seed(0)
     base = sntfx.build_model(spec, **kwargs)
     x = torch.zeros(2, *shape)
     if variant.startswith("snt "):
         _, style, form = variant.split(" ")
-        model = sntfx.transform(base, x, style=style)
+        extra = {} if budget == "default" else {"budget": budget}
+        model = sntfx.transform(base, x, style=style, batch_size=batch, **extra)
         set_online_fold(model, form == "online")
     else:
         model = sntfx.trace(base, x)
@@ -99,9 +100,10 @@ def batch_for(model_name: str, device: torch.device, batch: int | None):
     return x, y
 
 
-def time_model(model_name: str, variants: list[str], device, rounds: int, steps: int, batch: int | None) -> dict:
-    built = {v: build(model_name, v, device) for v in variants}
+def time_model(model_name: str, variants: list[str], device, rounds: int, steps: int, batch: int | None,
+               budget="default") -> dict:
     x, y = batch_for(model_name, device, batch)
+    built = {v: build(model_name, v, device, int(x.shape[0]), budget) for v in variants}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for model, opt in built.values():  # warm-up
         for _ in range(2):
@@ -118,16 +120,17 @@ def time_model(model_name: str, variants: list[str], device, rounds: int, steps:
     return {v: statistics.median(ts) for v, ts in times.items()} | {"_batch": int(x.shape[0])}
 
 
-def peak_memory(model_name: str, variant: str, device: str, batch: int | None) -> float:
+def peak_memory(model_name: str, variant: str, device: str, batch: int | None, budget="default") -> float:
     """Peak bytes of one training step of ``variant``, measured in a fresh process."""
     argv = [sys.executable, __file__, "--_memory", model_name, variant, "--device", device]
+    argv += [] if budget == "default" else ["--budget", str(budget).lower()]
     out = subprocess.run(argv + (["--batch", str(batch)] if batch else []), capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _measure_memory(model_name: str, variant: str, device: torch.device, batch: int | None) -> float:
-    model, opt = build(model_name, variant, device)
+def _measure_memory(model_name: str, variant: str, device: torch.device, batch: int | None, budget="default") -> float:
     x, y = batch_for(model_name, device, batch)
+    model, opt = build(model_name, variant, device, int(x.shape[0]), budget)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -162,6 +165,15 @@ def _measure_memory(model_name: str, variant: str, device: torch.device, batch: 
     return float(params + peak[0] - before)
 
 
+def _budget(text: str):
+    if text in ("default", "none"):
+        return None if text == "none" else text
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("a budget is a fraction >= 0")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
@@ -172,13 +184,15 @@ def main() -> None:
     parser.add_argument("--styles", default=None, help=f"comma-separated SNT styles (default: all of {', '.join(style_names())})")
     parser.add_argument("--online-only", action="store_true",
                         help="skip the explicit form of styles that train online (it is not what training runs)")
+    parser.add_argument("--budget", type=_budget, default="default",
+                        help="the snt pass's training-cost budget (a fraction, or 'none'); default: the pass's default")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", default="bench-results/train_step.json")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args._memory:
-        print(_measure_memory(args._memory[0], args._memory[1], device, args.batch))
+        print(_measure_memory(args._memory[0], args._memory[1], device, args.batch, args.budget))
         return
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
@@ -193,9 +207,9 @@ def main() -> None:
           f"interleaved rounds x {args.steps} steps", flush=True)
     results = {}
     for m in models:
-        ms = time_model(m, variants, device, args.rounds, args.steps, args.batch)
+        ms = time_model(m, variants, device, args.rounds, args.steps, args.batch, args.budget)
         batch = ms.pop("_batch")
-        mem = {} if args.no_memory else {v: peak_memory(m, v, args.device, args.batch) for v in variants}
+        mem = {} if args.no_memory else {v: peak_memory(m, v, args.device, args.batch, args.budget) for v in variants}
         rows = {v: {"median_ms": ms[v], "time_vs_adam": ms[v] / ms["adam"],
                     **({"peak_bytes": mem[v], "memory_vs_adam": mem[v] / mem["adam"]} if mem else {})}
                 for v in variants}
@@ -208,6 +222,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "machine": platform.machine(), "rounds": args.rounds, "steps": args.steps,
+                               "budget": args.budget,
                                "results": results}, indent=2))
     print(f"\nwrote {out}")
 

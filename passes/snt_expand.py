@@ -19,6 +19,18 @@ Styles, folding algebra and initialisation: :mod:`sntfx.blocks`. For
 when the layer's output feeds a single BatchNorm (the fold moves the bias
 there); otherwise they are scale-only.
 
+Training cost: a style that trains online composes each block's kernel once
+per step, at a cost that does not shrink with the batch or the feature map
+(``SNTBlock.compose_macs``; ``linear`` at ratio r costs about r^2 C_out^2 C_in k^2).
+On a wide layer over a small map (VGG-11's 512-channel convs on 2x2 maps,
+ResNet-18's last stage) that is more than the layer itself. ``budget`` bounds
+it: the blocks' composition may add at most ``budget`` times the plain
+model's conv/linear multiply-adds per step at ``batch_size`` (measured on the
+example inputs' shapes); the layers cheapest to compose, relative to their
+own work, are expanded first and the rest stay plain (counted as
+``skip: over the training-cost budget``). ``budget=None`` expands every
+eligible layer. Recipes saved before the budget existed replay without it.
+
 Requires: nothing. Provides: ``expanded``. Numerics: changes the function
 (fresh initialisation), or exact with ``preserve=True``.
 """
@@ -31,11 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
+import torch
 from torch import nn
 
-from sntfx.blocks import SNTBlock, get_style, layer_kind, make_block
-from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, set_module, shared_parameter_owners
+from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
+from sntfx.graph_utils import call_sites, mode, find_bias_sink, is_plain, set_module, shared_parameter_owners
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
+from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
 from sntfx.policy import Policy
 
 __all__ = ["SNTExpand", "FUNCTIONAL_LAYERS"]
@@ -61,6 +75,10 @@ class SNTExpand(Pass):
         preserve: initialise every block to compute exactly the layer it replaces.
         online: ``linear`` blocks compose their kernel and run one conv per call.
         seed: initialisation seed (default: the context's seed).
+        budget: the most that composing kernels in online training may add to
+            a step, as a fraction of the plain model's conv/linear multiply-adds
+            at ``batch_size`` (module docstring); None: no limit.
+        batch_size: the training batch the budget is reckoned at.
 
     Example::
 
@@ -70,6 +88,8 @@ class SNTExpand(Pass):
     name = "snt"
     provides = frozenset({Property.EXPANDED})
     invalidates = frozenset({Property.FOLDED})
+    #: Recipes saved before the budget existed expanded every eligible layer.
+    legacy_params = {"budget": None}
 
     def __init__(
         self,
@@ -79,7 +99,13 @@ class SNTExpand(Pass):
         preserve: bool = False,
         online: bool = False,
         seed: int | None = None,
+        budget: float | None = DEFAULT_BUDGET,
+        batch_size: int = DEFAULT_BATCH,
     ):
+        if budget is not None and not (isinstance(budget, (int, float)) and budget >= 0):
+            raise ValueError(f"budget must be a fraction >= 0 (e.g. 0.1) or None, got {budget!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if isinstance(policy, (str, Path)):
             policy = Policy.from_file(policy)
         elif isinstance(policy, dict):
@@ -94,13 +120,16 @@ class SNTExpand(Pass):
         self.preserve = bool(preserve)
         self.online = bool(online)
         self.seed = seed
+        self.budget = None if budget is None else float(budget)
+        self.batch_size = batch_size
 
     @property
     def numerics(self) -> Numerics:
         return Numerics.EXACT if self.preserve else Numerics.CHANGES
 
     def params(self) -> dict[str, Any]:
-        return {"policy": self.policy.to_dict(), "preserve": self.preserve, "online": self.online, "seed": self.seed}
+        return {"policy": self.policy.to_dict(), "preserve": self.preserve, "online": self.online, "seed": self.seed,
+                "budget": self.budget, "batch_size": self.batch_size}
 
     def spec(self) -> str:
         return f"snt(style={self.policy.style},ratio={self.policy.ratio}" + (",preserve=true)" if self.preserve else ")")
@@ -124,7 +153,7 @@ class SNTExpand(Pass):
         shared = shared_parameter_owners(gm)
         gen_seed = self.seed if self.seed is not None else ctx.seed
         gen = PassContext(seed=gen_seed).generator()
-        expanded = 0
+        blocks: dict[str, tuple[SNTBlock, str]] = {}
         for index, path in enumerate(targets):
             layer = modules[path]
             kind = layer_kind(layer)
@@ -150,13 +179,71 @@ class SNTExpand(Pass):
             )
             if self.online and style.trains_online:
                 block.online = True
+            blocks[path] = (block, decision.style)
+        if self.budget is not None and any(b.compose_macs() for b, _ in blocks.values()):
+            for path in self._over_budget(gm, ctx, targets, blocks):
+                del blocks[path]
+                stats["skip: over the training-cost budget"] += 1
+        for path, (block, style_name) in blocks.items():
             set_module(gm, path, block)
-            expanded += 1
-            stats[f"expanded: {decision.style}"] += 1
+            stats[f"expanded: {style_name}"] += 1
             if len(call_sites(gm, path)) > 1:
                 stats["shared block (several call sites)"] += 1
-        log.info("snt: expanded %d of %d layers", expanded, len(targets))
-        return PassResult(gm, expanded > 0, stats)
+        log.info("snt: expanded %d of %d layers", len(blocks), len(targets))
+        return PassResult(gm, bool(blocks), stats)
+
+    def _over_budget(self, gm, ctx: PassContext, targets: list[str], blocks: dict[str, tuple[SNTBlock, str]]) -> list[str]:
+        """The blocks to leave out so that their extra training work is at most ``budget`` of the plain layers'."""
+        calls = _layer_calls(gm, ctx.example_inputs, targets, self.batch_size)
+        if calls is None:
+            log.warning("snt: no example inputs to measure the layers on; the training-cost budget is not applied")
+            return []
+        modules = dict(gm.named_modules())
+        plain = {p: sum(layer_macs(LayerConfig.from_module(modules[p]), o) for _, o in calls[p]) for p in targets}
+        allowed = self.budget * sum(plain.values())
+        extra = {}
+        for path, (block, _) in blocks.items():
+            # an online block composes once per step, or (linear on few rows) runs its chain when that is cheaper
+            chain = sum(block.macs(i, o) for i, o in calls[path]) - plain[path]
+            extra[path] = min(block.compose_macs(), max(chain, 0)) if block.compose_macs() else 0
+        order = sorted(blocks, key=lambda p: extra[p] / max(plain[p], 1))  # cheapest relative to its own work first
+        spent, dropped = 0, []
+        for path in order:
+            if spent + extra[path] <= allowed:
+                spent += extra[path]
+                continue
+            dropped.append(path)
+            log.info("snt: %s stays plain: as a block it adds %.2fx its own multiply-adds per step at batch %d "
+                     "(budget: %.0f%% of the model's)", path, extra[path] / max(plain[path], 1), self.batch_size,
+                     100 * self.budget)
+        return dropped
+
+
+def _layer_calls(gm, example_inputs, targets: list[str], batch_size: int) -> dict[str, list] | None:
+    """Each target layer's (input shape, output shape) per call on the example inputs, at batch ``batch_size``."""
+    inputs = tuple(example_inputs or ())
+    if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
+        return None
+    batch = inputs[0].shape[0]
+    modules = dict(gm.named_modules())
+    calls: dict[str, list] = {path: [] for path in targets}
+
+    def at_batch(shape: torch.Size) -> tuple[int, ...]:
+        return (batch_size, *shape[1:]) if shape and shape[0] == batch else tuple(shape)
+
+    hooks = []
+    for path in targets:
+        def hook(_m, args, out, path=path):
+            calls[path].append((at_batch(args[0].shape), at_batch(out.shape)))
+
+        hooks.append(modules[path].register_forward_hook(hook))
+    try:
+        with torch.no_grad(), mode(gm, training=False):
+            gm(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
 
 
 def _ancestors(path: str) -> list[str]:

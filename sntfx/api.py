@@ -12,6 +12,7 @@ from .errors import SntfxError
 from .models import ModelSpec
 from .pass_base import PassContext
 from .pass_manager import PassManager, PipelineReport
+from .pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
 from .policy import Policy
 from .tracing import as_input_tuple, sntfx_meta
 from .tracing import trace as _trace
@@ -93,6 +94,8 @@ def transform(
     inplace: bool = False,
     weights: Any = None,
     pretrained: bool | str = False,
+    budget: float | None = DEFAULT_BUDGET,
+    batch_size: int = DEFAULT_BATCH,
 ) -> fx.GraphModule | tuple[fx.GraphModule, PipelineReport]:
     """Trace and expand every eligible layer into an SNT block (the ``snt`` pass).
 
@@ -108,6 +111,9 @@ def transform(
         report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
         inplace: when ``model`` is already a GraphModule, expand it instead of a copy.
         weights / pretrained: a spec's initial weights (see :func:`build_model`).
+        budget / batch_size: the most that composing kernels in online training may add to a step, as a
+            fraction of the plain layers' multiply-adds at ``batch_size``; layers over it stay plain
+            (None: expand every eligible layer). See the ``snt`` pass.
 
     Example::
 
@@ -121,7 +127,8 @@ def transform(
     gm = model if given else trace(model, example_inputs, weights=weights, pretrained=pretrained)
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
     passes = canonical_passes("before-training", snt=dict(style=style, ratio=ratio, policy=policy, preserve=preserve,
-                                                          online=online, seed=seed))
+                                                          online=online, seed=seed, budget=budget,
+                                                          batch_size=batch_size))
     result = PassManager(passes, check=check).run(gm, PassContext(example_inputs=inputs, seed=seed),
                                                     inplace=inplace or not given)
     return (result.graph_module, result) if report else result.graph_module

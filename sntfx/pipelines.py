@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULT_STYLE", "DEFAULT_RATIO", "CANONICAL", "canonical_passes"]
+__all__ = ["DEFAULT_STYLE", "DEFAULT_RATIO", "DEFAULT_BUDGET", "DEFAULT_BATCH", "CANONICAL", "canonical_passes"]
 
 #: The expansion style used when none is named (``sntfx transform``, the policy, ``sntfx.transform``).
 DEFAULT_STYLE = "qa-branch"
 #: The expansion ratio of styles that take one, when none is named.
 DEFAULT_RATIO = 4
+#: The most that composing kernels in online training may add to a step, as a fraction of the plain model's
+#: conv/linear multiply-adds (the ``snt`` pass's ``budget``), and the batch it is reckoned at.
+DEFAULT_BUDGET = 0.10
+DEFAULT_BATCH = 128
 
 CANONICAL: dict[str, str] = {
     "before-training": "snt",

@@ -255,3 +255,55 @@ def test_expand_pass_params_rebuild_the_same_pass():
     p = SNTExpand(style="branch", ratio=3, policy=Policy(exclude=("fc",)), preserve=True)
     q = SNTExpand(**p.params())
     assert q.params() == p.params() and q.spec() == "snt(style=branch,ratio=3,preserve=true)"
+
+
+class _WideOnSmallMap(nn.Module):
+    """A narrow conv on a 32x32 map, then a wide conv on a 2x2 map (VGG-11's last stage in miniature)."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.wide = nn.Conv2d(8, 256, 3, padding=1)
+
+    def forward(self, x):
+        return self.wide(self.pool(self.narrow(x)))
+
+
+def test_budget_leaves_layers_plain_whose_composition_outweighs_their_work(tmp_path):
+    """linear x4 on the wide 2x2 conv costs 21 M multiply-adds per step to compose (its cheaper order), 2.3x what
+    the layer itself does at batch 128: it stays plain under a 10% budget, while the narrow conv on 32x32 expands;
+    with budget=None both expand, and at a large batch the wide layer's own work outgrows its composition."""
+    x = torch.randn(2, 8, 32, 32)
+    model = _WideOnSmallMap()
+    gm, rep = sntfx.transform(model, x, style="linear", budget=0.1, batch_size=128, report=True)
+    assert isinstance(gm.narrow, LinearExpansion) and isinstance(gm.wide, nn.Conv2d)
+    assert rep.passes[0].stats["skip: over the training-cost budget"] == 1
+    plain = 128 * (8 * 8 * 9 * 32 * 32 + 8 * 256 * 9 * 4)  # both layers' multiply-adds at batch 128
+    assert gm.narrow.compose_macs() <= 0.1 * plain
+    assert LinearExpansion(gm.narrow.config.__class__.from_module(model.wide), 4).compose_macs() > 0.1 * plain
+    everything = sntfx.transform(model, x, style="linear", budget=None)
+    assert isinstance(everything.wide, LinearExpansion)
+    # at a large enough batch the wide layer's own work grows and it expands
+    assert isinstance(sntfx.transform(model, x, style="linear", budget=0.1, batch_size=8192).wide, LinearExpansion)
+
+
+
+def test_a_saved_model_replays_the_budgets_choice(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    gm = sntfx.transform("sntfx:vgg11", x, style="linear")  # the default budget keeps the 512-channel convs plain
+    kinds = {n: type(m).__name__ for n, m in gm.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, SNTBlock))}
+    assert "Conv2d" in kinds.values() and "LinearExpansion" in kinds.values()
+    sntfx.save(gm, tmp_path / "m.pt")
+    loaded = sntfx.load(tmp_path / "m.pt")
+    assert kinds == {n: type(m).__name__ for n, m in loaded.named_modules() if n in kinds}
+
+
+def test_budget_is_validated_and_ignores_styles_without_composition():
+    with pytest.raises(ValueError, match="budget"):
+        SNTExpand(style="linear", budget=-0.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        SNTExpand(style="linear", batch_size=0)
+    x = torch.randn(2, 8, 32, 32)
+    gm = sntfx.transform(_WideOnSmallMap(), x, style="branch", budget=0.0)  # explicit styles compose nothing
+    assert isinstance(gm.wide, BranchBlock) and isinstance(gm.narrow, BranchBlock)

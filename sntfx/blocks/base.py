@@ -283,6 +283,16 @@ class SNTBlock(nn.Module):
         """Multiply-accumulates of this block's own (explicit) forward."""
         raise NotImplementedError
 
+    def compose_macs(self) -> int:
+        """Multiply-accumulates of composing the kernel once (an online training step's extra work).
+
+        It does not depend on the batch or the feature map, which is why it can
+        dominate a layer that runs on few positions (a wide layer on a small
+        map); the expand pass's ``budget`` uses it. Elementwise compositions
+        count one per weight; a style that does not train online has none.
+        """
+        return math.prod(self.config.weight_shape()) if self.trains_online else 0
+
     def extra_repr(self) -> str:
         c = self.config
         shape = f"{c.in_features}->{c.out_features}" + (f", k={c.kernel}" if c.is_conv else "")

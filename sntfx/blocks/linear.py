@@ -141,6 +141,10 @@ class LinearExpansion(SNTBlock):
         o, i, k, a, b = c.out_features // g, c.in_features // g, c.ktaps, a // g, b // g
         return g * (o * b * a * k + o * a * k * i), g * (b * a * k * i + o * b * k * i)
 
+    def compose_macs(self) -> int:
+        """The cheaper composition order's multiply-adds (the bias's are negligible)."""
+        return min(self._compose_orders)
+
     def _project_first(self) -> bool:
         first, second = self._compose_orders
         return first <= second

@@ -10,11 +10,12 @@ from rich.table import Table
 from ..blocks import get_style, style_names
 from ..blocks.registry import COST_SOURCE
 from ..errors import SntfxError
-from ..pipelines import DEFAULT_RATIO, DEFAULT_STYLE
+from ..pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_RATIO, DEFAULT_STYLE
 from .app import cli, console
 from .report import json_option, report as report_json
 from .console import fmt_int, print_pass_report
 from .options import (
+    BUDGET,
     TEXT,
     check_weights_options,
     inputs_for,
@@ -45,6 +46,12 @@ def style_cost(name: str) -> str:
 @click.option("--kwargs", default=None, help="JSON object of constructor arguments.", type=TEXT)
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), default=None, help="Policy file (.json/.toml).")
 @click.option("--preserve", is_flag=True, help="Start the blocks at exactly the original function.")
+@click.option("--budget", type=BUDGET, default=DEFAULT_BUDGET, show_default=True,
+              help="Most that composing kernels in online training may add to a step, as a fraction of the plain "
+                   "layers' multiply-adds at --batch-size; layers over it stay plain and are listed. 'none': "
+                   "expand every eligible layer.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
+              help="The batch you will train with (what --budget is reckoned at).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--passes", "pipeline", default=None, type=TEXT,
               help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
@@ -53,8 +60,8 @@ def style_cost(name: str) -> str:
               help="Build the model for this dataset's images and classes, as `sntfx train` does (channels, "
                    "classes, input shape).")
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
-def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, seed, pipeline, weights_file,
-              pretrained, data_name, data_dir):
+def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, budget, batch_size, seed, pipeline,
+              weights_file, pretrained, data_name, data_dir):
     """Trace MODEL and expand its conv/linear layers into SNT blocks.
 
     MODEL is model.py (with build_model()), torchvision:NAME, timm:NAME or sntfx:NAME.
@@ -100,9 +107,15 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
         gm = report.graph_module
     else:
         gm, report = do_transform(
-            gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True
-        )
+            gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True,
+            budget=budget, batch_size=batch_size)
     print_pass_report(report)
+    over = sum(v for r in report.to_dict()["passes"] for k, v in r.get("stats", {}).items()
+               if k == "skip: over the training-cost budget")
+    if over:
+        console.print(f"{over} layer(s) stay plain: composing them every training step would cost more than "
+                      f"{budget:.0%} of the plain layers' work at batch {batch_size} (--budget none expands them; "
+                      "-v lists them)", highlight=False)
     from ..blocks import SNTBlock
 
     styles = sorted({m.style for m in gm.modules() if isinstance(m, SNTBlock)})

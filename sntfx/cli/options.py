@@ -72,7 +72,22 @@ class Text(click.ParamType):
         return value
 
 
+class Budget(FiniteFloat):
+    """A non-negative fraction, or ``none`` (no limit)."""
+
+    name = "fraction|none"
+
+    def __init__(self):
+        super().__init__(0)
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        return super().convert(value, param, ctx)
+
+
 TEXT = Text()
+BUDGET = Budget()
 POSITIVE = FiniteFloat(0, low_open=True)
 NON_NEGATIVE = FiniteFloat(0)
 FRACTION = FiniteFloat(0, 1, high_open=True)

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..errors import SntfxError
 from .app import cli, console
 from .console import StudyProgress, study_progress
-from .options import NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
+from .options import BUDGET, NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 
 
 @cli.command()
@@ -32,6 +32,9 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 @click.option("--weight-decay", type=NON_NEGATIVE, default=None)
 @click.option("--rho", type=POSITIVE, default=None, help="SAM radius.")
 @click.option("--ratio", type=click.IntRange(min=1), default=None, help="SNT expansion ratio (default 4).")
+@click.option("--budget", type=BUDGET, default=None,
+              help="The snt pass's training-cost budget at --batch-size: a fraction, or 'none' to expand every "
+                   "eligible layer (see `sntfx transform --help`) [0.1].")
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="Training batches per epoch.")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None,
               help="Images of the evaluated split for the compression sweeps and ONNX accuracy (default: all).")
@@ -55,7 +58,7 @@ from .options import NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider, device, num_workers,
+          ratio, budget, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider, device, num_workers,
           config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
@@ -88,7 +91,8 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     from_cli = {"models": [m for spec in models for m in spec.split(",") if m] or None, "data": data_name,
              "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
-             "ratio": ratio, "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
+             "ratio": ratio, "budget": "none" if budget is None and given("budget") else budget,
+             "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
              "evaluate_on": evaluate_on, "exclude": list(exclude) or None, "onnx": onnx,
              "provider": provider, "device": device, "num_workers": num_workers}
     overrides |= {k: v for k, v in from_cli.items() if v is not None}  # the command line wins over the file

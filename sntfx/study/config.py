@@ -14,6 +14,7 @@ from typing import Any
 
 from ..blocks import get_style, style_names
 from ..errors import SntfxError
+from ..pipelines import DEFAULT_BUDGET
 
 __all__ = ["Method", "parse_methods", "parse_seeds", "StudyConfig", "PRESETS", "preset_config", "read_config_file",
            "slug"]
@@ -126,6 +127,8 @@ class StudyConfig:
     weight_decay: float = 0.0
     rho: float = 0.05
     ratio: int = 4  # SNT expansion ratio unless the method names one
+    # the snt pass's training-cost budget at batch_size (a fraction; "none" or None: expand every eligible layer)
+    budget: float | str | None = DEFAULT_BUDGET
     limit_batches: int | None = None  # training batches per epoch (tiny studies)
     eval_images: int | None = None  # test images for the sweeps and ORT accuracy (None: all)
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
@@ -190,6 +193,12 @@ class StudyConfig:
             raise SntfxError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
         if self.ratio < 1:
             raise SntfxError(f"--ratio must be at least 1, got {self.ratio}")
+        if isinstance(self.budget, str):
+            if self.budget.strip().lower() != "none":
+                raise SntfxError(f"budget must be a fraction >= 0 (e.g. 0.1) or \"none\", got {self.budget!r}")
+            self.budget = None
+        elif self.budget is not None and self.budget < 0:
+            raise SntfxError(f"budget must be a fraction >= 0 (e.g. 0.1) or \"none\", got {self.budget!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
