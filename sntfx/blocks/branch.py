@@ -216,22 +216,50 @@ class BranchBlock(SNTBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        xp = c.pad(x) if c.is_conv else x
-        y = self.main_norm(self.main(xp))
-        xc = centre_crop(c, xp) if c.is_conv else x
-        if self.aux is not None:
-            a = self.aux(xc)
-            y = y + (self.aux_norm(a) if self.aux_norm is not None else a)
+        xc = self._centre_input(x) if c.is_conv else x
+        if xc is None:  # the centre tap reads padding: pad once and crop (other padding modes, odd paddings)
+            xp = c.pad(x)
+            y = self.main_norm(self.main(xp))
+            xc = centre_crop(c, xp)
+        else:  # zero padding left to the convolution, as nn.Conv2d does: no padded copy of the input
+            xp = None
+            y = self.main_norm(c.apply(x, self.main.weight))
+        if self.aux is not None and self.aux_norm is None and self.has_identity:
+            # qa-branch: 1x1 and identity are one 1x1 kernel, W_1 + I (same function and gradients, one pass)
+            eye = delta_kernel(LayerConfig(c.kind, c.in_features, c.out_features, (1,) * c.ndim, groups=c.groups)
+                               if c.is_conv else c, torch.ones(c.out_features, dtype=x.dtype, device=x.device))
+            y = y + self.aux._conv_forward(xc, self.aux.weight + eye, self.aux.bias) if c.is_conv \
+                else y + F.linear(xc, self.aux.weight + eye, self.aux.bias)
+        else:
+            if self.aux is not None:
+                a = self.aux(xc)
+                y = y + (self.aux_norm(a) if self.aux_norm is not None else a)
+            if self.has_identity:
+                y = y + (self.identity_norm(xc) if self.identity_norm is not None else xc)
         if self.avg_proj is not None:
-            t = self.avg_norm(self.avg_proj(xp))
+            t = self.avg_norm(self.avg_proj(c.pad(x) if xp is None else xp))
             uniform = torch.full((c.out_features, 1, *c.kernel), 1.0 / c.ktaps, dtype=t.dtype, device=t.device)
             t = _CONV_FN[c.ndim](t, uniform, None, c.stride, 0, c.dilation, c.out_features)
             y = y + self.avg_post_norm(t)
-        if self.has_identity:
-            y = y + (self.identity_norm(xc) if self.identity_norm is not None else xc)
         if self.post_norm is not None:
             y = self.post_norm(y)
         return y
+
+    def _centre_input(self, x: torch.Tensor) -> torch.Tensor | None:
+        """What the kernel's centre tap sees of the zero-padded ``x``, as a view of ``x``; None if that needs padding."""
+        c = self.config
+        if c.padding_mode != "zeros":
+            return None
+        amounts = c.pad_amounts()  # last dimension first
+        for i in range(c.ndim):
+            dim = x.dim() - c.ndim + i
+            lo, hi = amounts[2 * (c.ndim - 1 - i)], amounts[2 * (c.ndim - 1 - i) + 1]
+            start = c.center[i] * c.dilation[i] - lo
+            span = x.shape[dim] + lo + hi - c.dilation[i] * (c.kernel[i] - 1)
+            if start < 0 or start + span > x.shape[dim]:
+                return None
+            x = x.narrow(dim, start, span)
+        return x
 
     def macs(self, in_shape, out_shape) -> int:
         c = self.config
