@@ -381,6 +381,39 @@ class Trainer:
             return SAM(params, base, rho=c.rho, adaptive=c.adaptive)
         return base
 
+    def step_seconds(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = 2,
+                     warmup: int = 1) -> float:
+        """Median seconds of one training step of ``model`` on the batch ``(x, y)``, as :meth:`fit` runs it.
+
+        Same optimizer (SAM's two passes included), online fold on, on
+        ``x``'s device; the model's weights change. A quick measurement (a few
+        steps): the study's time-left estimate uses it, and
+        ``benchmarks/bench_train_step.py`` is the careful one.
+        """
+        import statistics
+
+        set_online_fold(model, self.config.online_fold)
+        model.to(x.device).train()
+        opt = self._optimizer(model)
+        criterion = nn.CrossEntropyLoss()
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = criterion(model(x), y)
+            loss.backward()
+            return loss
+
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+        times = []
+        for i in range(warmup + steps):
+            sync()
+            t0 = time.perf_counter()
+            opt.step(closure)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
     def lr_at(self, step: int, total: int, steps_per_epoch: int) -> float:
         c = self.config
         warm = c.warmup_epochs * steps_per_epoch

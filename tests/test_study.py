@@ -460,3 +460,23 @@ def test_every_quantization_setting_is_deployed_and_agrees_with_the_simulation(t
             assert abs(w8a8["onnxruntime"] - w8a8["simulated"]) <= 2 / w8a8["images"] + 1e-9
         assert run["onnx"]["int8"]["integer_ops"].get("total", 0) > 0
     assert "Simulated vs deployed quantization" in (out / "report.md").read_text()
+
+
+def test_the_time_left_estimate_uses_step_costs_measured_on_the_studied_model(tmp_path):
+    """Before training, each method's step is timed against Adam's on the study's own model, batch and device; the
+    progress weights use those ratios (SAM's two passes cost clearly more than one), and nothing is re-measured
+    for runs whose training is stored."""
+    config = StudyConfig(**{**TINY, "methods": ["adam", "sam", "snt-linear"], "seeds": [0], "epochs": 1})
+    study = Study(config, tmp_path / "s")
+    runs = study.runs()
+    costs = study.measure_step_costs(runs)
+    assert set(costs) == {("sntfx:cnn", "sam"), ("sntfx:cnn", "snt-linear")}
+    assert costs[("sntfx:cnn", "sam")] > 1.3 and costs[("sntfx:cnn", "snt-linear")] > 0
+    sam = next(r for r in runs if r.method.name == "sam")
+    steps = study._steps_per_epoch() * config.epochs
+    assert study._weights(sam, costs)["train"] == pytest.approx(steps * costs[("sntfx:cnn", "sam")])
+    assert study._weights(sam)["train"] == pytest.approx(steps * 2.0)  # no measurement: the declared figure
+    for run in runs:  # stored training: nothing left to measure
+        run.path.mkdir(parents=True, exist_ok=True)
+        (run.path / "train.json").write_text(json.dumps({"settings": study.stage_settings("train")}))
+    assert study.measure_step_costs(runs) == {}

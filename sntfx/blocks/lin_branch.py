@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel, place_centre
+from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel
 from .registry import register_style
 
 __all__ = ["LinearizedBranchBlock"]

@@ -16,8 +16,10 @@ A style declares what the rest of sntfx would otherwise have to guess::
   sink and passes ``center=`` (whether one was found) to the factory.
 * ``step_cost``: the cost of a training step relative to Adam on the plain
   model, as measured by ``benchmarks/bench_train_step.py`` (the built-ins:
-  :data:`COST_SOURCE`); ``sntfx transform`` and its ``--help`` show it, and
-  the study's time-left estimate uses it.
+  :data:`COST_SOURCE`); ``sntfx transform`` and its ``--help`` show it. The
+  study measures each method's step on the studied model before training
+  (``Study.measure_step_costs``) and falls back on this figure only where it
+  has no measurement.
 
 The decorated object is the factory: ``factory(config, **options)`` (plus
 ``center=`` for bias-sink styles) returns the block. Adding a style = one

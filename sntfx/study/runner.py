@@ -214,14 +214,49 @@ class Study:
         n = len(self.data.train) // self.config.batch_size
         return max(1, min(n, self.config.limit_batches or n))
 
-    def _weights(self, run: Run) -> dict[str, float]:
-        """Work per stage in Adam-step units, for the time-left estimate."""
+    def _done(self, run: Run, stage: str) -> bool:
+        """Whether ``stage`` of ``run`` has a stored result with the current settings (resume keeps it)."""
+        path = run.path / f"{stage}.json"
+        return path.exists() and json.loads(path.read_text()).get("settings", {}) == self.stage_settings(stage)
+
+    def measure_step_costs(self, runs: list[Run]) -> dict[tuple[str, str], float]:
+        """Each method's training-step time relative to Adam's, measured on every model that still trains.
+
+        A few steps of each, on one training batch, on the training device, as
+        the trainer runs them (optimizer, online fold): the time-left estimate
+        then follows this model and machine rather than the styles' declared
+        ResNet-20 figures. Returns ``{(model, method): ratio}``.
+        """
+        from ..train import Trainer
+
+        todo = [r for r in runs if not self._done(r, "train")]
+        costs: dict[tuple[str, str], float] = {}
+        device = self.eval_device
+        for model in dict.fromkeys(r.model for r in todo):
+            need = {r.method.name: r for r in todo if r.model == model and r.method.name != "adam"}
+            if not need:
+                continue
+            adam = next(r for r in runs if r.model == model and r.method.name == "adam")
+            n = min(self.config.batch_size, len(self.data.train))
+            items = [self.data.train[i] for i in range(n)]
+            x = torch.stack([item[0] for item in items]).to(device)
+            y = torch.as_tensor([int(item[1]) for item in items]).to(device)
+            seconds = {name: Trainer(self.train_config(run)).step_seconds(self._build(run), x, y)
+                       for name, run in {"adam": adam, **need}.items()}
+            for name in need:
+                costs[(model, name)] = seconds[name] / seconds["adam"]
+                log.info("%s: a %s training step costs %.2fx Adam's (measured)", model, name, costs[(model, name)])
+        return costs
+
+    def _weights(self, run: Run, measured: dict[tuple[str, str], float] | None = None) -> dict[str, float]:
+        """Work per stage in Adam-step units, for the time-left estimate (``measured`` step costs where given)."""
         c = self.config
         steps = self._steps_per_epoch() * c.epochs
         n_split = len(self.eval_data.test)
         n_eval = min(n_split, c.eval_images or n_split)
         eval_steps = n_eval / c.batch_size / 3  # a forward pass is about a third of a training step
-        return {"train": steps * run.method.step_cost,
+        cost = (measured or {}).get((run.model, run.method.name), run.method.step_cost)
+        return {"train": steps * cost,
                 "evaluate": eval_steps + c.sharpness_batches * (2 * c.sharpness_iters + 2 * c.trace_samples
                                                                + c.landscape_steps / 3),
                 "sweep": c.sweep_settings * eval_steps * 1.5,
@@ -255,7 +290,8 @@ class Study:
                 {"format": "sntfx-study", "config": self.config.to_dict()}, indent=1)))
         for run in runs:
             self._check_run_dir(run, create=rank == 0)
-        weights = {run: self._weights(run) for run in runs}
+        measured = self.measure_step_costs(runs) if rank == 0 else {}
+        weights = {run: self._weights(run, measured) for run in runs}
         self.progress.begin(sum(sum(w.values()) for w in weights.values()), len(runs))
         # Phase 1: training (every rank under torchrun). Phase 2: everything else, rank 0 only.
         for i, run in enumerate(runs):
