@@ -395,6 +395,8 @@ class Trainer:
         set_online_fold(model, self.config.online_fold)
         model.to(x.device).train()
         opt = self._optimizer(model)
+        if isinstance(opt, SAM):
+            opt.model = model
         criterion = nn.CrossEntropyLoss()
 
         def closure():
