@@ -42,12 +42,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch.nn.functional as F
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
-from sntfx.graph_utils import call_sites, mode, find_bias_sink, is_plain, set_module, shared_parameter_owners
+from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, mode, set_module, shared_parameter_owners
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
 from sntfx.policy import Policy
@@ -203,9 +203,10 @@ class SNTExpand(Pass):
         allowed = self.budget * sum(plain.values())
         extra = {}
         for path, (block, _) in blocks.items():
-            # an online block composes once per step, or (linear on few rows) runs its chain when that is cheaper
+            # an online block composes at every call, or (linear on few rows) runs its chain when that is cheaper
             chain = sum(block.macs(i, o) for i, o in calls[path]) - plain[path]
-            extra[path] = min(block.compose_macs(), max(chain, 0)) if block.compose_macs() else 0
+            compose = block.compose_macs() * max(len(calls[path]), 1)
+            extra[path] = min(compose, max(chain, 0)) if compose else 0
         order = sorted(blocks, key=lambda p: extra[p] / max(plain[p], 1))  # cheapest relative to its own work first
         spent, dropped = 0, []
         for path in order:
