@@ -48,7 +48,7 @@ def style_cost(name: str) -> str:
 @click.option("--preserve", is_flag=True, help="Start the blocks at exactly the original function.")
 @click.option("--budget", type=BUDGET, default=DEFAULT_BUDGET, show_default=True,
               help="Most that composing kernels in online training may add to a step, as a fraction of the plain "
-                   "layers' multiply-adds at --batch-size; layers over it stay plain and are listed. 'none': "
+                   "layers' multiply-adds at --batch-size; layers over it stay plain (counted; -v names them). 'none': "
                    "expand every eligible layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
               help="The batch you will train with (what --budget is reckoned at).")
