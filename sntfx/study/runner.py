@@ -84,6 +84,7 @@ ABSENT = {"val_images": 0, "evaluate_on": "test", "exclude": [], "budget": None}
 
 # What a stage computes, when it grows: a stored result of an older version is redone on resume.
 STAGE_VERSION = {"evaluate": 2,  # 2: weight statistics (kurtosis, crest factor, zeros at W4)
+                 "sweep": 2,  # 2: W/A settings with the quantize pass's qdq placement (BatchNorms folded first)
                  "onnx": 2}  # 2: int8 = the simulated W8A8 model as QDQ; every W/A setting deployed on ORT
 
 
