@@ -26,8 +26,8 @@ import torch
 
 import bench_train_step as step_bench
 from sntfx.blocks import get_style
-from sntfx.data import FASHION_MNIST_DIRS, _find
 from sntfx.study import Study, StudyConfig
+from sntfx.study.config import _quick_data
 
 MODELS = {  # name: (study spec, bench kwargs)
     "smallvgg": ("sntfx:smallvgg", {"in_channels": 1, "num_classes": 10}),
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default="bench-results/study_epoch.json")
     args = parser.parse_args()
-    installed = any(_find(Path(d), "train-images-idx3-ubyte") for d in FASHION_MNIST_DIRS)
-    data = "fashion-mnist" if installed else "digits"
+    data = _quick_data()  # Fashion-MNIST where installed, else digits (as the quick preset)
     spec, kwargs = MODELS[args.model]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 

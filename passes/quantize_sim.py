@@ -76,7 +76,7 @@ class SimulatedQuantize(Pass):
         if method not in ("rtn", "mse"):
             raise ValueError(f"method must be 'rtn' or 'mse', got {method!r}")
         if act_method not in ACT_METHODS:
-            raise ValueError(f"act_method must be minmax, percentile or mse, got {act_method!r}")
+            raise ValueError(f"act_method must be one of {', '.join(ACT_METHODS)}, got {act_method!r}")
         self.wbits, self.abits, self.granularity, self.method = wbits, abits, granularity, method
         self.act_method, self.exclude_first, self.exclude_last = act_method, bool(exclude_first), bool(exclude_last)
         self.exclude = check_exclude(exclude)

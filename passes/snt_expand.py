@@ -28,7 +28,7 @@ it: the blocks' composition may add at most ``budget`` times the plain
 model's conv/linear multiply-adds per step at ``batch_size`` (measured on the
 example inputs' shapes); the layers cheapest to compose, relative to their
 own work, are expanded first and the rest stay plain (counted as
-``skip: over the training-cost budget``). ``budget=None`` expands every
+:data:`OVER_BUDGET`). ``budget=None`` expands every
 eligible layer. Recipes saved before the budget existed replay without it.
 
 Requires: nothing. Provides: ``expanded``. Numerics: changes the function
@@ -43,18 +43,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
-from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, mode, set_module, shared_parameter_owners
+from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, output_shape, set_module, shared_parameter_owners
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
 from sntfx.policy import Policy
+from sntfx.tracing import propagate_shapes
 
-__all__ = ["SNTExpand", "FUNCTIONAL_LAYERS"]
+__all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET"]
 
 log = logging.getLogger(__name__)
+
+#: The stat counting layers left plain by the training-cost budget (``PassResult.stats``).
+OVER_BUDGET = "skip: over the training-cost budget"
 
 FUNCTIONAL_LAYERS = {
     F.conv1d: "conv",
@@ -183,7 +188,7 @@ class SNTExpand(Pass):
         if self.budget is not None and any(b.compose_macs() for b, _ in blocks.values()):
             for path in self._over_budget(gm, ctx, targets, blocks):
                 del blocks[path]
-                stats["skip: over the training-cost budget"] += 1
+                stats[OVER_BUDGET] += 1
         for path, (block, style_name) in blocks.items():
             set_module(gm, path, block)
             stats[f"expanded: {style_name}"] += 1
@@ -221,29 +226,21 @@ class SNTExpand(Pass):
 
 
 def _layer_calls(gm, example_inputs, targets: list[str], batch_size: int) -> dict[str, list] | None:
-    """Each target layer's (input shape, output shape) per call on the example inputs, at batch ``batch_size``."""
+    """Each target layer's (input shape, output shape) per call, from the example inputs' shapes, at ``batch_size``."""
     inputs = tuple(example_inputs or ())
     if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0:
         return None
     batch = inputs[0].shape[0]
-    modules = dict(gm.named_modules())
+    propagate_shapes(gm, inputs)
+
+    def at_batch(shape: tuple[int, ...] | None) -> tuple[int, ...]:
+        shape = shape or ()
+        return (batch_size, *shape[1:]) if shape and shape[0] == batch else shape
+
     calls: dict[str, list] = {path: [] for path in targets}
-
-    def at_batch(shape: torch.Size) -> tuple[int, ...]:
-        return (batch_size, *shape[1:]) if shape and shape[0] == batch else tuple(shape)
-
-    hooks = []
-    for path in targets:
-        def hook(_m, args, out, path=path):
-            calls[path].append((at_batch(args[0].shape), at_batch(out.shape)))
-
-        hooks.append(modules[path].register_forward_hook(hook))
-    try:
-        with torch.no_grad(), mode(gm, training=False):
-            gm(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in calls and isinstance(node.args[0], fx.Node):
+            calls[node.target].append((at_batch(output_shape(node.args[0])), at_batch(output_shape(node))))
     return calls
 
 

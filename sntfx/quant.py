@@ -90,7 +90,7 @@ class ActQuant(nn.Module):
     def __init__(self, bits: int = 8, method: str = "minmax", percentile: float = 99.99):
         super().__init__()
         if method not in ACT_METHODS:
-            raise ValueError(f"unknown activation calibration '{method}'; use minmax, percentile or mse")
+            raise ValueError(f"unknown activation calibration '{method}'; use {', '.join(ACT_METHODS)}")
         self.bits, self.method, self.percentile = bits, method, percentile
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))

@@ -8,9 +8,10 @@ from torch import nn
 
 import sntfx
 from sntfx import PassContext, PassManager, Policy, Rule
-from sntfx.blocks import BranchBlock, LinearExpansion, SNTBlock, style_names
+from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, SNTBlock, style_names
 from sntfx.graph_utils import randomize_
 from sntfx.passes import FoldBatchNorm, SNTExpand, SNTFold
+from sntfx.passes.snt_expand import OVER_BUDGET
 from sntfx.tracing import compare_outputs
 
 from models_for_tests import Conv1dNet, ConvNet, Functional, Tied, Tokens
@@ -278,10 +279,10 @@ def test_budget_leaves_layers_plain_whose_composition_outweighs_their_work(tmp_p
     model = _WideOnSmallMap()
     gm, rep = sntfx.transform(model, x, style="linear", budget=0.1, batch_size=128, report=True)
     assert isinstance(gm.narrow, LinearExpansion) and isinstance(gm.wide, nn.Conv2d)
-    assert rep.passes[0].stats["skip: over the training-cost budget"] == 1
+    assert rep.passes[0].stats[OVER_BUDGET] == 1
     plain = 128 * (8 * 8 * 9 * 32 * 32 + 8 * 256 * 9 * 4)  # both layers' multiply-adds at batch 128
     assert gm.narrow.compose_macs() <= 0.1 * plain
-    assert LinearExpansion(gm.narrow.config.__class__.from_module(model.wide), 4).compose_macs() > 0.1 * plain
+    assert LinearExpansion(LayerConfig.from_module(model.wide), 4).compose_macs() > 0.1 * plain
     everything = sntfx.transform(model, x, style="linear", budget=None)
     assert isinstance(everything.wide, LinearExpansion)
     # at a large enough batch the wide layer's own work grows and it expands

@@ -155,19 +155,22 @@ class LayerConfig:
 # -- kernels shared by the multi-branch styles ---------------------------------------
 
 
+def identity_matrix(config: LayerConfig, scale: torch.Tensor) -> torch.Tensor:
+    """The identity as a ``C_out x C_in/groups`` matrix, scaled per output channel (differentiable in ``scale``).
+
+    Output channel ``o`` reads input channel ``o`` within its group. Needs ``in == out``.
+    """
+    idx = torch.arange(config.out_features, device=scale.device)
+    w = torch.zeros(config.out_features, config.in_features // config.groups, dtype=scale.dtype, device=scale.device)
+    return w.index_put((idx, idx % w.shape[1]), scale)
+
+
 def delta_kernel(config: LayerConfig, scale: torch.Tensor) -> torch.Tensor:
     """The identity as a kernel of ``config``'s shape, scaled per output channel (differentiable in ``scale``).
 
-    Output channel ``o`` reads input channel ``o`` (within its group) on the
-    kernel's centre tap; a Linear gets ``diag(scale)``. Needs ``in == out``.
+    :func:`identity_matrix` on the kernel's centre tap; a Linear gets ``diag(scale)``. Needs ``in == out``.
     """
-    w = torch.zeros(config.weight_shape(), dtype=scale.dtype, device=scale.device)
-    idx = torch.arange(config.out_features, device=scale.device)
-    if config.is_conv:
-        per_group = config.in_features // config.groups
-        taps = [torch.full_like(idx, t) for t in config.center]
-        return w.index_put((idx, idx % per_group, *taps), scale)
-    return w.index_put((idx, idx), scale)
+    return place_centre(config, identity_matrix(config, scale))
 
 
 def place_centre(config: LayerConfig, w1: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel, place_centre
+from .base import (_CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel, identity_matrix,
+                   place_centre)
 from .registry import register_style
 
 __all__ = ["BranchBlock", "BranchNorm"]
@@ -226,10 +227,9 @@ class BranchBlock(SNTBlock):
             y = self.main_norm(c.apply(x, self.main.weight))
         if self.aux is not None and self.aux_norm is None and self.has_identity:
             # qa-branch: 1x1 and identity are one 1x1 kernel, W_1 + I (same function and gradients, one pass)
-            eye = delta_kernel(LayerConfig(c.kind, c.in_features, c.out_features, (1,) * c.ndim, groups=c.groups)
-                               if c.is_conv else c, torch.ones(c.out_features, dtype=x.dtype, device=x.device))
-            y = y + self.aux._conv_forward(xc, self.aux.weight + eye, self.aux.bias) if c.is_conv \
-                else y + F.linear(xc, self.aux.weight + eye, self.aux.bias)
+            eye = identity_matrix(c, torch.ones(c.out_features, dtype=x.dtype, device=x.device))
+            w1 = self.aux.weight + eye.reshape(self.aux.weight.shape)
+            y = y + (self.aux._conv_forward(xc, w1, self.aux.bias) if c.is_conv else F.linear(xc, w1, self.aux.bias))
         else:
             if self.aux is not None:
                 a = self.aux(xc)

@@ -25,7 +25,8 @@ import math
 import torch
 from torch import nn
 
-from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel
+from .base import (_CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel,
+                   identity_matrix)
 from .registry import register_style
 
 __all__ = ["LinearizedBranchBlock"]
@@ -101,8 +102,7 @@ class LinearizedBranchBlock(SNTBlock):
         w = torch.addcmul(spread, s["main"][bc], main)  # broadcast over the taps: one pass over the kernel
         centre = self.aux.weight.to(dtype).flatten(1) * s["aux"][:, None]  # (O, I/g): the 1x1 branch
         if self.has_identity:
-            idx = torch.arange(c.out_features, device=centre.device)
-            centre = centre.index_put((idx, idx % centre.shape[1]), s["identity"], accumulate=True)
+            centre = centre + identity_matrix(c, s["identity"])
         w[(Ellipsis, *c.center)] += centre
         return w
 

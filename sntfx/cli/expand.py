@@ -110,12 +110,13 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
             gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True,
             budget=budget, batch_size=batch_size)
     print_pass_report(report)
-    over = sum(v for r in report.to_dict()["passes"] for k, v in r.get("stats", {}).items()
-               if k == "skip: over the training-cost budget")
+    from ..passes.snt_expand import OVER_BUDGET
+
+    over = sum(p.stats.get(OVER_BUDGET, 0) for p in report.passes)
     if over:
         console.print(f"{over} layer(s) stay plain: composing them every training step would cost more than "
                       f"{budget:.0%} of the plain layers' work at batch {batch_size} (--budget none expands them; "
-                      "-v lists them)", highlight=False)
+                      "-v names them)", highlight=False)
     from ..blocks import SNTBlock
 
     styles = sorted({m.style for m in gm.modules() if isinstance(m, SNTBlock)})

@@ -328,10 +328,10 @@ class Study:
         path = run.path / f"{stage}.json"
         self.progress.stage(index, run.label, stage)
         settings = self.stage_settings(stage)
+        if self._done(run, stage):
+            self.progress.advance(weight)
+            return
         if path.exists():
-            if json.loads(path.read_text()).get("settings", {}) == settings:
-                self.progress.advance(weight)
-                return
             log.info("%s: %s settings changed since it ran; redoing that stage", run.label, stage)
         done = 0.0
 
