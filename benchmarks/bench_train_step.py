@@ -37,8 +37,7 @@ import torch.nn.functional as F
 
 import sntfx
 from sntfx.blocks import get_style, style_names
-from sntfx.sam import SAM
-from sntfx.train import set_online_fold
+from sntfx.train import TrainConfig, Trainer, set_online_fold
 
 MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU batch)
     "smallvgg": ("sntfx:smallvgg", {"in_channels": 1, "num_classes": 10}, (1, 28, 28), 128, 128),
@@ -76,9 +75,8 @@ def build(model_name: str, variant: str, device: torch.device, batch: int = 128,
     else:
         model = sntfx.trace(base, x)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    if variant == "sam":
-        opt = SAM(model.parameters(), opt, model=model)
+    # the optimizer sntfx's trainer builds (Adam, fused where the parameters allow; SAM wraps it)
+    opt = Trainer(TrainConfig(optimizer="sam" if variant == "sam" else "adam", lr=1e-3)).build_optimizer(model)
     return model, opt
 
 

@@ -125,6 +125,24 @@ def test_online_forward_matches_explicit_outputs_and_gradients(style, name):
         assert compare_outputs(p1.grad, p2.grad) <= 1e-10, n1
 
 
+@pytest.mark.parametrize("style", ONLINE_STYLES)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_online_output_has_the_plain_layers_memory_layout(style, name):
+    """The composed kernel has standard strides, so the online block returns what the plain layer returns.
+
+    A permuted kernel (linear's einsum gave channels-last strides, even on a
+    1x1 kernel that reports is_contiguous()) makes the convolution return
+    channels-last activations, and every later layer runs in that format.
+    """
+    layer = LAYERS[name]()
+    gen = torch.Generator().manual_seed(0)
+    block = make_block(layer, style, ratio=4, gen=gen)
+    block.online = True
+    x = _input_for(layer, gen)
+    y_plain, y_online = layer(x), block.forward_composed(x)
+    assert y_online.stride() == y_plain.stride()
+
+
 def test_online_forward_float32_within_1e5():
     layer = nn.Conv2d(16, 16, 3, padding=1)
     gen = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import socket
@@ -196,13 +197,52 @@ def test_adamw_is_decoupled_weight_decay_and_sam_can_wrap_it(tmp_path):
     from sntfx.train import TrainConfig, Trainer
 
     model = torch.nn.Linear(4, 3)
-    opt = Trainer(TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1))._optimizer(model)
+    opt = Trainer(TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1)).build_optimizer(model)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.1
     before = model.weight.detach().clone()
     model.weight.grad = torch.zeros_like(model.weight)  # no gradient: only the decay moves the weights
     model.bias.grad = torch.zeros_like(model.bias)
     opt.step()
     assert torch.allclose(model.weight, before * (1 - 1e-2 * 0.1))
-    sam = Trainer(TrainConfig(optimizer="sam", sam_base="adamw"))._optimizer(model)
+    sam = Trainer(TrainConfig(optimizer="sam", sam_base="adamw")).build_optimizer(model)
     assert isinstance(sam, SAM) and isinstance(sam.base, torch.optim.AdamW)
     assert TrainConfig(optimizer="adamw").learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "sam"])
+def test_trainer_optimizer_is_fused_and_updates_like_torchs_loop(name):
+    """The trainer's optimizer runs fused on CPU floats, and its updates equal torch's per-tensor loop to rounding."""
+    from sntfx.sam import SAM
+    from sntfx.train import TrainConfig, Trainer
+
+    config = TrainConfig(optimizer=name, lr=1e-2, weight_decay=1e-3)
+    torch.manual_seed(0)
+    fused_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    loop_model = copy.deepcopy(fused_model)
+    start = copy.deepcopy(fused_model)
+    opt = Trainer(config).build_optimizer(fused_model)
+    base = opt.base if isinstance(opt, SAM) else opt
+    assert base.defaults["fused"] is True
+    assert isinstance(opt, SAM) == (name == "sam") and (not isinstance(opt, SAM) or opt.model is fused_model)
+    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[config.base_optimizer]
+    extra = {"momentum": 0.9, "nesterov": True} if kind is torch.optim.SGD else {}
+    reference = kind(loop_model.parameters(), lr=1e-2, weight_decay=1e-3, foreach=False, **extra)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for a, b in zip(fused_model.parameters(), loop_model.parameters()):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        base.step()  # the base update alone (SAM's perturbation is tested in test_sam_*)
+        reference.step()
+    for a, b, s in zip(fused_model.parameters(), loop_model.parameters(), start.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert (a - s).abs().min() > 1e-4  # every weight moved
+
+
+def test_trainer_optimizer_falls_back_where_fused_kernels_do_not_run():
+    """Parameters on a device without fused kernels (here 'meta') get torch's default implementation."""
+    from sntfx.train import TrainConfig, Trainer
+
+    model = torch.nn.Linear(4, 3, device="meta")
+    opt = Trainer(TrainConfig()).build_optimizer(model)
+    assert not opt.defaults["fused"]

@@ -126,7 +126,12 @@ class LinearExpansion(SNTBlock):
             w = torch.einsum("goak,gai->goik", torch.einsum("gob,gbak->goak", p, m), a)
         else:  # W3 (W2 W1)
             w = torch.einsum("gob,gbik->goik", p, torch.einsum("gbak,gai->gbik", m, a))
-        w = w.reshape(c.weight_shape())
+        # einsum may hand back a permuted layout: channels-last strides on a conv kernel (for a 1x1
+        # kernel even when is_contiguous() holds). A convolution then returns channels-last
+        # activations and the rest of the network runs in that format, so the expanded model would
+        # differ from the plain one in speed for a reason that is not SNT's. Flattening and viewing
+        # gives the standard strides (a copy only where the layout is permuted).
+        w = w.reshape(-1).view(c.weight_shape())
         if not c.bias:
             return w, None
         b2 = cast(self.core.bias).reshape(g, -1)
