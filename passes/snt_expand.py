@@ -21,15 +21,18 @@ there); otherwise they are scale-only.
 
 Training cost: a style that trains online composes each block's kernel once
 per step, at a cost that does not shrink with the batch or the feature map
-(``SNTBlock.compose_macs``; ``linear`` at ratio r costs about r^2 C_out^2 C_in k^2).
-On a wide layer over a small map (VGG-11's 512-channel convs on 2x2 maps,
-ResNet-18's last stage) that is more than the layer itself. ``budget`` bounds
-it: the blocks' composition may add at most ``budget`` times the plain
-model's conv/linear multiply-adds per step at ``batch_size`` (measured on the
-example inputs' shapes); the layers cheapest to compose, relative to their
-own work, are expanded first and the rest stay plain (counted as
-:data:`OVER_BUDGET`). ``budget=None`` expands every
-eligible layer. Recipes saved before the budget existed replay without it.
+(``SNTBlock.compose_cost``: ``linear`` at ratio r multiplies about
+r^2 C_out^2 C_in k^2 times; elementwise styles make a few memory-bound passes
+over the kernel), and its extra parameters add gradient and optimizer work
+(``SNTBlock.parameter_cost``). On a wide layer over a small map (VGG-11's
+512-channel convs on 2x2 maps, ResNet-18's last stage) that is more than the
+layer itself. ``budget`` bounds it: the blocks' extra work may be at most
+``budget`` times the plain model's conv/linear multiply-adds per step at
+``batch_size`` (measured on the example inputs' shapes; memory-bound work
+converted with the calibrated ``sntfx.blocks.base.ELEMENT_MACS``); the layers
+cheapest relative to their own work are expanded first and the rest stay plain
+(counted as :data:`OVER_BUDGET`). ``budget=None`` expands every eligible
+layer. Recipes saved before the budget existed replay without it.
 
 Requires: nothing. Provides: ``expanded``. Numerics: changes the function
 (fresh initialisation), or exact with ``preserve=True``.
@@ -38,6 +41,7 @@ Requires: nothing. Provides: ``expanded``. Numerics: changes the function
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,12 +58,21 @@ from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
 from sntfx.policy import Policy
 from sntfx.tracing import propagate_shapes
 
-__all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET"]
+__all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET", "COST_MODEL"]
 
 log = logging.getLogger(__name__)
 
 #: The stat counting layers left plain by the training-cost budget (``PassResult.stats``).
 OVER_BUDGET = "skip: over the training-cost budget"
+#: The budget's cost model: 1 counted one multiply-add per element of an elementwise composition and
+#: nothing for extra parameters (recipes saved with it replay with it); 2 is the calibrated model
+#: (``SNTBlock.compose_cost`` and ``parameter_cost``).
+COST_MODEL = 2
+#: Under cost model 2, a block whose extra work per step is below this many units (about 0.3 ms on the
+#: calibration CPU) is not counted against the budget: at that size a step's time is set by per-operation
+#: overhead, which the model does not describe for the plain layer or the block, and leaving the layer
+#: plain would save nothing measurable.
+MIN_COUNTED = 10_000_000
 
 FUNCTIONAL_LAYERS = {
     F.conv1d: "conv",
@@ -80,10 +93,15 @@ class SNTExpand(Pass):
         preserve: initialise every block to compute exactly the layer it replaces.
         online: ``linear`` blocks compose their kernel and run one conv per call.
         seed: initialisation seed (default: the context's seed).
-        budget: the most that composing kernels in online training may add to
-            a step, as a fraction of the plain model's conv/linear multiply-adds
-            at ``batch_size`` (module docstring); None: no limit.
+        budget: the most that online training (composing kernels, updating
+            the extra parameters) may add to a step, as a fraction of the plain
+            model's conv/linear multiply-adds at ``batch_size`` (module
+            docstring); None: no limit.
         batch_size: the training batch the budget is reckoned at.
+        plain_layers: the layers the budget leaves plain, as decided before:
+            a saved model's recipe records them, so that loading rebuilds the
+            same structure whatever the cost model has become. None: decide.
+        cost_model: the budget's cost model (:data:`COST_MODEL`).
 
     Example::
 
@@ -93,8 +111,9 @@ class SNTExpand(Pass):
     name = "snt"
     provides = frozenset({Property.EXPANDED})
     invalidates = frozenset({Property.FOLDED})
-    #: Recipes saved before the budget existed expanded every eligible layer.
-    legacy_params = {"budget": None}
+    #: Recipes saved before the budget existed expanded every eligible layer; those saved before the
+    #: calibrated cost model used the first one.
+    legacy_params = {"budget": None, "cost_model": 1}
 
     def __init__(
         self,
@@ -106,11 +125,18 @@ class SNTExpand(Pass):
         seed: int | None = None,
         budget: float | None = DEFAULT_BUDGET,
         batch_size: int = DEFAULT_BATCH,
+        plain_layers: list[str] | None = None,
+        cost_model: int = COST_MODEL,
     ):
         if budget is not None and not (isinstance(budget, (int, float)) and budget >= 0):
             raise ValueError(f"budget must be a fraction >= 0 (e.g. 0.1) or None, got {budget!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if cost_model not in (1, 2):
+            raise ValueError(f"cost_model must be 1 or 2, got {cost_model!r}")
+        if plain_layers is not None and (isinstance(plain_layers, str)
+                                         or not all(isinstance(p, str) for p in plain_layers)):
+            raise ValueError(f"plain_layers must be a list of layer names, got {plain_layers!r}")
         if isinstance(policy, (str, Path)):
             policy = Policy.from_file(policy)
         elif isinstance(policy, dict):
@@ -127,6 +153,9 @@ class SNTExpand(Pass):
         self.seed = seed
         self.budget = None if budget is None else float(budget)
         self.batch_size = batch_size
+        self.plain_layers = None if plain_layers is None else sorted(plain_layers)
+        self.cost_model = cost_model
+        self._decided: list[str] | None = None  # what the last run's budget left plain (recorded in the recipe)
 
     @property
     def numerics(self) -> Numerics:
@@ -134,7 +163,8 @@ class SNTExpand(Pass):
 
     def params(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "preserve": self.preserve, "online": self.online, "seed": self.seed,
-                "budget": self.budget, "batch_size": self.batch_size}
+                "budget": self.budget, "batch_size": self.batch_size, "cost_model": self.cost_model,
+                "plain_layers": self._decided if self._decided is not None else self.plain_layers}
 
     def spec(self) -> str:
         return f"snt(style={self.policy.style},ratio={self.policy.ratio}" + (",preserve=true)" if self.preserve else ")")
@@ -185,10 +215,19 @@ class SNTExpand(Pass):
             if self.online and style.trains_online:
                 block.online = True
             blocks[path] = (block, decision.style)
-        if self.budget is not None and any(b.compose_macs() for b, _ in blocks.values()):
-            for path in self._over_budget(gm, ctx, targets, blocks):
+        self._decided = None
+        if self.budget is not None:
+            # blocks are built (and the generator drawn) for every layer first, so a replay matches
+            if self.plain_layers is not None:
+                dropped = [p for p in self.plain_layers if p in blocks]
+            elif any(b.trains_online for b, _ in blocks.values()):
+                dropped = self._over_budget(gm, ctx, targets, blocks)
+            else:
+                dropped = []
+            for path in dropped:
                 del blocks[path]
                 stats[OVER_BUDGET] += 1
+            self._decided = sorted(dropped)
         for path, (block, style_name) in blocks.items():
             set_module(gm, path, block)
             stats[f"expanded: {style_name}"] += 1
@@ -208,10 +247,22 @@ class SNTExpand(Pass):
         allowed = self.budget * sum(plain.values())
         extra = {}
         for path, (block, _) in blocks.items():
-            # an online block composes at every call, or (linear on few rows) runs its chain when that is cheaper
+            if not block.trains_online:  # trains explicitly: its cost is the style's, stated where it is chosen
+                extra[path] = 0
+                continue
+            # an online block composes at every call, or (linear on few rows) runs its chain when that is
+            # cheaper; its extra parameters cost gradient and optimizer work every step
             chain = sum(block.macs(i, o) for i, o in calls[path]) - plain[path]
-            compose = block.compose_macs() * max(len(calls[path]), 1)
-            extra[path] = min(compose, max(chain, 0)) if compose else 0
+            if self.cost_model == 1:  # one multiply-add per element of an elementwise composition
+                once = block.compose_macs() or math.prod(block.config.weight_shape())
+                extra[path] = min(once * max(len(calls[path]), 1), max(chain, 0))
+                continue
+            compose = block.compose_cost() * max(len(calls[path]), 1)
+            if not block.always_composes:
+                compose = min(compose, max(chain, 0))
+            extra[path] = compose + block.parameter_cost()
+            if extra[path] < MIN_COUNTED:
+                extra[path] = 0
         order = sorted(blocks, key=lambda p: extra[p] / max(plain[p], 1))  # cheapest relative to its own work first
         spent, dropped = 0, []
         for path in order:
@@ -219,7 +270,7 @@ class SNTExpand(Pass):
                 spent += extra[path]
                 continue
             dropped.append(path)
-            log.info("snt: %s stays plain: as a block it adds %.2fx its own multiply-adds per step at batch %d "
+            log.info("snt: %s stays plain: as a block it adds %.2fx its own work per step at batch %d "
                      "(budget: %.0f%% of the model's)", path, extra[path] / max(plain[path], 1), self.batch_size,
                      100 * self.budget)
         return dropped

@@ -111,8 +111,9 @@ def transform(
         report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
         inplace: when ``model`` is already a GraphModule, expand it instead of a copy.
         weights / pretrained: a spec's initial weights (see :func:`build_model`).
-        budget / batch_size: the most that composing kernels in online training may add to a step, as a
-            fraction of the plain layers' multiply-adds at ``batch_size``; layers over it stay plain
+        budget / batch_size: the most that online training (composing kernels, updating the extra
+            parameters) may add to a step, as a fraction of the plain layers' multiply-adds at
+            ``batch_size``; layers over it stay plain
             (None: expand every eligible layer). See the ``snt`` pass.
 
     Example::

@@ -42,7 +42,8 @@ def _roundtrip(model, x, style, **kw):
 def test_expand_then_fold_is_exact_and_restores_the_architecture(style, model_cls, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
-    gm, snt, folded, srep, frep, err, n_orig = _roundtrip(model_cls(), x, style, ratio=3)
+    # every layer (the training-cost budget would leave some of these tiny layers plain)
+    gm, snt, folded, srep, frep, err, n_orig = _roundtrip(model_cls(), x, style, ratio=3, budget=None)
     assert err <= TOL
     assert srep.modified and frep.modified
     n_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in gm.modules())
@@ -83,7 +84,7 @@ def test_linear_on_tokens_is_not_a_bias_sink():
 def test_reused_layer_becomes_one_shared_block_and_tied_weights_are_skipped():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 6, 6)
-    gm, snt, folded, srep, _, err, n = _roundtrip(Tied(), x, "linear", ratio=2)
+    gm, snt, folded, srep, _, err, n = _roundtrip(Tied(), x, "linear", ratio=2, budget=None)
     assert srep.stats["expanded: linear"] == 1
     assert srep.stats["shared block (several call sites)"] == 1
     assert srep.stats["skip: shared weight"] == 2  # a and b share a weight
@@ -96,7 +97,7 @@ def test_reused_layer_becomes_one_shared_block_and_tied_weights_are_skipped():
 def test_functional_convolution_is_skipped_and_reported():
     x = torch.randn(1, 3, 5, 5)
     gm = sntfx.trace(Functional().eval(), x)
-    _, rep = sntfx.transform(gm, x, style="linear", report=True)
+    _, rep = sntfx.transform(gm, x, style="linear", report=True, budget=None)
     assert rep.passes[0].stats["skip: functional conv"] == 1
     assert rep.passes[0].stats["expanded: linear"] == 1
 
@@ -134,7 +135,7 @@ def test_conv_subclasses_plain_ones_expand_custom_ones_are_traced_through():
     x = torch.randn(1, 3, 5, 5)
     net = Net()
     net.b = PlainConv(3, 3, 1)
-    snt, rep = sntfx.transform(sntfx.trace(net, x), x, style="linear", report=True)
+    snt, rep = sntfx.transform(sntfx.trace(net, x), x, style="linear", report=True, budget=None)
     # MyConv's own forward is traced through, leaving a functional conv behind.
     assert rep.passes[0].stats == {"skip: functional conv": 1, "expanded: linear": 1}
     assert isinstance(snt.get_submodule("b"), LinearExpansion)
@@ -281,7 +282,7 @@ def test_budget_leaves_layers_plain_whose_composition_outweighs_their_work(tmp_p
     assert isinstance(gm.narrow, LinearExpansion) and isinstance(gm.wide, nn.Conv2d)
     assert rep.passes[0].stats[OVER_BUDGET] == 1
     plain = 128 * (8 * 8 * 9 * 32 * 32 + 8 * 256 * 9 * 4)  # both layers' multiply-adds at batch 128
-    assert gm.narrow.compose_macs() <= 0.1 * plain
+    assert gm.narrow.compose_cost() + gm.narrow.parameter_cost() <= 0.1 * plain
     assert LinearExpansion(LayerConfig.from_module(model.wide), 4).compose_macs() > 0.1 * plain
     everything = sntfx.transform(model, x, style="linear", budget=None)
     assert isinstance(everything.wide, LinearExpansion)
@@ -298,6 +299,75 @@ def test_a_saved_model_replays_the_budgets_choice(tmp_path):
     sntfx.save(gm, tmp_path / "m.pt")
     loaded = sntfx.load(tmp_path / "m.pt")
     assert kinds == {n: type(m).__name__ for n, m in loaded.named_modules() if n in kinds}
+
+
+class _WiderOnSmallMap(nn.Module):
+    """An 8 -> 256 conv on a 32x32 map, then a 256 -> 512 conv on a 2x2 map (1.18 M weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.narrow = nn.Conv2d(8, 256, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.wide = nn.Conv2d(256, 512, 3, padding=1)
+
+    def forward(self, x):
+        return self.wide(self.pool(self.narrow(x)))
+
+
+def test_budget_counts_elementwise_work_as_memory_bound_passes():
+    """An elementwise composition costs ELEMENT_MACS units per pass and element (cost model 2), not one
+    multiply-add per element (cost model 1, kept for old recipes). At a 1% budget (30 M of the model's 3.0 G
+    multiply-adds at batch 128), powerprop on the wide conv (1.18 M weights x 5 passes x 17 = 100 M units)
+    stays plain, where the first model (1.18 M) kept it; the narrow conv's 1.6 M units are under
+    MIN_COUNTED, so it expands even at budget 0."""
+    from sntfx.blocks.base import ELEMENT_MACS, OPTIMIZER_PASSES
+    from sntfx.blocks.lin_branch import LinearizedBranchBlock
+    from sntfx.blocks.powerprop import PowerPropagation
+    from sntfx.passes.snt_expand import MIN_COUNTED
+
+    x = torch.randn(2, 8, 32, 32)
+    model = _WiderOnSmallMap()
+    gm = sntfx.transform(model, x, style="powerprop", budget=0.01, batch_size=128)
+    assert isinstance(gm.narrow, PowerPropagation) and isinstance(gm.wide, nn.Conv2d)
+    wide = PowerPropagation(LayerConfig.from_module(model.wide))
+    assert wide.compose_cost() == ELEMENT_MACS * PowerPropagation.compose_passes * 512 * 256 * 9
+    assert wide.parameter_cost() == 0  # v replaces the weight: no extra parameters
+    assert PowerPropagation(LayerConfig.from_module(model.narrow)).compose_cost() < MIN_COUNTED
+    old = PassManager([SNTExpand(style="powerprop", budget=0.01, cost_model=1)]).run(
+        sntfx.trace(model, x), PassContext(example_inputs=(x,))).graph_module
+    assert isinstance(old.wide, PowerPropagation)
+    nothing = sntfx.transform(model, x, style="powerprop", budget=0.0)
+    assert isinstance(nothing.narrow, PowerPropagation) and isinstance(nothing.wide, nn.Conv2d)
+    # lin-branch's extra branches are parameters the optimizer updates every step
+    lb = LinearizedBranchBlock(LayerConfig.from_module(model.wide))
+    extra = sum(p.numel() for p in lb.parameters()) - model.wide.weight.numel() - 512
+    assert extra > 0 and lb.parameter_cost() == ELEMENT_MACS * OPTIMIZER_PASSES * extra
+
+
+def test_the_recipe_records_the_budgets_choice_and_old_recipes_replay_the_first_cost_model(tmp_path, monkeypatch):
+    """A saved model rebuilds the layers its budget left plain even when the cost model has changed since;
+    a recipe from before the calibrated model (no cost_model, no plain_layers) replays cost model 1."""
+    import sntfx.blocks.base as base
+
+    x = torch.randn(2, 1, 28, 28)
+    gm = sntfx.transform("sntfx:smallvgg", x, style="powerprop", budget=0.01)  # its 1568 -> 128 classifier
+    step = next(p for p in gm.meta["sntfx"]["pipeline"] if p["name"] == "snt")
+    assert step["params"]["plain_layers"] == ["classifier.0"] and step["params"]["cost_model"] == 2
+    sntfx.save(gm, tmp_path / "m.pt")
+    monkeypatch.setattr(base, "ELEMENT_MACS", 0)  # a recalibration that would now expand it
+    assert isinstance(sntfx.transform("sntfx:smallvgg", x, style="powerprop", budget=0.01).get_submodule("classifier.0"),
+                      SNTBlock)
+    loaded = sntfx.load(tmp_path / "m.pt")
+    assert isinstance(loaded.get_submodule("classifier.0"), nn.Linear)
+    assert isinstance(loaded.get_submodule("features.0"), SNTBlock)
+    torch.testing.assert_close(loaded(x), gm.eval()(x))
+    legacy = {k: v for k, v in step["params"].items() if k not in ("cost_model", "plain_layers")}
+    replayed = SNTExpand(**{**SNTExpand.legacy_params, **legacy})
+    assert replayed.cost_model == 1 and replayed.plain_layers is None
+    with pytest.raises(ValueError, match="cost_model"):
+        SNTExpand(cost_model=3)
+    with pytest.raises(ValueError, match="plain_layers"):
+        SNTExpand(plain_layers="wide")
 
 
 def test_budget_is_validated_and_ignores_styles_without_composition():

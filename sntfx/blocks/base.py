@@ -11,10 +11,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-__all__ = ["LayerConfig", "SNTBlock", "is_expanded", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES"]
+__all__ = ["LayerConfig", "SNTBlock", "is_expanded", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES",
+           "ELEMENT_MACS", "OPTIMIZER_PASSES"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
+
+#: The training-cost model of the ``snt`` pass's budget, calibrated with ``benchmarks/bench_compose_cost.py``
+#: (``benchmarks/results/train-step/cpu-compose-cost.json``). Its unit is one forward multiply-add of a plain
+#: conv/linear layer together with the backward work it brings (a training step does about three
+#: multiply-adds per forward one, compute bound): 30.5 ps on the 2-core x86 CPU. Composing a kernel by
+#: matrix products is compute bound too and counts its own multiply-adds. Elementwise work is memory bound:
+#: one pass over one tensor element (two reads, one write, from memory rather than cache) took 0.52 ns
+#: there, 16.9 units.
+ELEMENT_MACS = 17
+#: Passes over each parameter element per step for the trainer's fused Adam update (measured 1.4-1.8)
+#: and for accumulating its gradient (one).
+OPTIMIZER_PASSES = 2.5
 
 #: The layer kinds SNT expands, prunes and quantizes, by name (the policy's ``types``, ``LayerConfig.kind``).
 LAYER_CLASSES: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "linear": nn.Linear}
@@ -286,15 +299,34 @@ class SNTBlock(nn.Module):
         """Multiply-accumulates of this block's own (explicit) forward."""
         raise NotImplementedError
 
+    #: Memory-bound passes over the kernel that composing it once makes, forward and backward (styles that
+    #: train online set it; calibrated with ``benchmarks/bench_compose_cost.py``).
+    compose_passes: float = 0.0
+    #: Whether an online block composes at every call (False: it runs its explicit form where that is
+    #: cheaper, as ``linear`` does on few positions).
+    always_composes: bool = True
+
     def compose_macs(self) -> int:
-        """Multiply-accumulates of composing the kernel once (an online training step's extra work).
+        """Multiply-accumulates of composing the kernel once by matrix products (0 for elementwise styles)."""
+        return 0
+
+    def compose_cost(self) -> float:
+        """Work of composing the kernel once, forward and backward, in forward-MAC units (see ``ELEMENT_MACS``).
 
         It does not depend on the batch or the feature map, which is why it can
         dominate a layer that runs on few positions (a wide layer on a small
-        map); the expand pass's ``budget`` uses it. Elementwise compositions
-        count one per weight; a style that does not train online has none.
+        map); the expand pass's ``budget`` uses it. A style that does not train
+        online composes nothing.
         """
-        return math.prod(self.config.weight_shape()) if self.trains_online else 0
+        if not self.trains_online:
+            return 0.0
+        return self.compose_macs() + ELEMENT_MACS * self.compose_passes * math.prod(self.config.weight_shape())
+
+    def parameter_cost(self) -> float:
+        """Per-step work of the parameters this block has beyond the layer's (gradients, optimizer), in the same units."""
+        c = self.config
+        extra = sum(p.numel() for p in self.parameters()) - math.prod(c.weight_shape()) - c.out_features * c.bias
+        return ELEMENT_MACS * OPTIMIZER_PASSES * max(extra, 0)
 
     def extra_repr(self) -> str:
         c = self.config

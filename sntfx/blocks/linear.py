@@ -26,7 +26,7 @@ __all__ = ["LinearExpansion"]
 
 
 @register_style("linear", label="linear expansion x RATIO (1x1 -> kxk -> 1x1)", options=("ratio",),
-                trains_online=True, bias_sink=False, step_cost=0.98)  # measured: registry.COST_SOURCE
+                trains_online=True, bias_sink=False, step_cost=1.03)  # measured: registry.COST_SOURCE
 class LinearExpansion(SNTBlock):
     """Sequential linear expansion: expand -> core -> project, no nonlinearity.
 
@@ -46,6 +46,11 @@ class LinearExpansion(SNTBlock):
     """
 
     style = "linear"
+    #: besides the matrix products' multiply-adds (compose_macs): per-operation overhead and the composed
+    #: tensor, measured 53 passes per kernel element at 64 channels, 1 at 256, none at 512 (where the
+    #: products run faster than a conv); a few passes over the kernel (bench_compose_cost.py)
+    compose_passes = 4.0
+    always_composes = False  # online_pays: the chain where composing costs more
 
     def __init__(self, config: LayerConfig, ratio: int = 4, *, online: bool = False):
         super().__init__(config)

@@ -60,6 +60,8 @@ class PowerPropagation(SNTBlock):
     """``W = v |v|^(alpha - 1)`` per weight (see the module docstring)."""
 
     style = "powerprop"
+    #: forward and backward of the elementwise composition (measured 4.4-6.1 passes; bench_compose_cost.py)
+    compose_passes = 5.0
 
     def __init__(self, config: LayerConfig, alpha: float = ALPHA):
         super().__init__(config)

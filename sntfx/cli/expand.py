@@ -47,9 +47,9 @@ def style_cost(name: str) -> str:
 @click.option("--policy", type=click.Path(exists=True, dir_okay=False), default=None, help="Policy file (.json/.toml).")
 @click.option("--preserve", is_flag=True, help="Start the blocks at exactly the original function.")
 @click.option("--budget", type=BUDGET, default=DEFAULT_BUDGET, show_default=True,
-              help="Most that composing kernels in online training may add to a step, as a fraction of the plain "
-                   "layers' multiply-adds at --batch-size; layers over it stay plain (counted; -v names them). 'none': "
-                   "expand every eligible layer.")
+              help="Most that online training may add to a step (composing kernels, updating the extra "
+                   "parameters), as a fraction of the plain layers' multiply-adds at --batch-size; layers over it "
+                   "stay plain (counted; -v names them). 'none': expand every eligible layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
               help="The batch you will train with (what --budget is reckoned at).")
 @click.option("--seed", type=int, default=0, show_default=True)
