@@ -100,22 +100,41 @@ def batch_for(model_name: str, device: torch.device, batch: int | None):
 
 def time_model(model_name: str, variants: list[str], device, rounds: int, steps: int, batch: int | None,
                budget="default") -> dict:
+    """Median ms per step of each variant, and its time relative to Adam's.
+
+    The ratio is paired by round: each round times every variant (in an order
+    rotated from round to round), the round's ratio is the variant's median
+    step over Adam's median step in that round, and the result is the median
+    of those ratios, with their quartiles, so that a slow stretch of the
+    machine slows both sides of a ratio alike.
+    """
     x, y = batch_for(model_name, device, batch)
     built = {v: build(model_name, v, device, int(x.shape[0]), budget) for v in variants}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for model, opt in built.values():  # warm-up
         for _ in range(2):
             step(model, opt, x, y)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(rounds):
-        for v, (model, opt) in built.items():
+    times: dict[str, list[list[float]]] = {v: [] for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            model, opt = built[v]
+            this_round = []
             for _ in range(steps):
                 sync()
                 t0 = time.perf_counter()
                 step(model, opt, x, y)
                 sync()
-                times[v].append((time.perf_counter() - t0) * 1000)
-    return {v: statistics.median(ts) for v, ts in times.items()} | {"_batch": int(x.shape[0])}
+                this_round.append((time.perf_counter() - t0) * 1000)
+            times[v].append(this_round)
+    out = {"_batch": int(x.shape[0])}
+    adam = [statistics.median(ts) for ts in times["adam"]]
+    for v, per_round in times.items():
+        ratios = sorted(statistics.median(ts) / a for ts, a in zip(per_round, adam))
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[v] = {"median_ms": statistics.median(t for ts in per_round for t in ts),
+                  "time_vs_adam": statistics.median(ratios), "ratio_quartiles": [quartiles[0], quartiles[2]]}
+    return out
 
 
 def peak_memory(model_name: str, variant: str, device: str, batch: int | None, budget="default") -> float:
@@ -201,21 +220,23 @@ def main() -> None:
     if bad:
         parser.error(f"unknown style(s) {bad}; choose from {', '.join(style_names())}")
     variants = variant_names(styles, explicit=not args.online_only)
-    print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.rounds} "
-          f"interleaved rounds x {args.steps} steps", flush=True)
+    print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved "
+          f"rounds x {args.steps} steps; x Adam: median of the per-round ratios (quartiles beside it)", flush=True)
     results = {}
     for m in models:
-        ms = time_model(m, variants, device, args.rounds, args.steps, args.batch, args.budget)
-        batch = ms.pop("_batch")
+        timed = time_model(m, variants, device, args.rounds, args.steps, args.batch, args.budget)
+        batch = timed.pop("_batch")
         mem = {} if args.no_memory else {v: peak_memory(m, v, args.device, args.batch, args.budget) for v in variants}
-        rows = {v: {"median_ms": ms[v], "time_vs_adam": ms[v] / ms["adam"],
-                    **({"peak_bytes": mem[v], "memory_vs_adam": mem[v] / mem["adam"]} if mem else {})}
+        rows = {v: {**timed[v], **({"peak_bytes": mem[v], "memory_vs_adam": mem[v] / mem["adam"]} if mem else {})}
                 for v in variants}
         results[m] = {"batch": batch, "variants": rows}
-        print(f"\n{m} (batch {batch})\n{'variant':<28}{'ms/step':>10}{'x Adam':>9}{'memory x Adam':>15}")
+        print(f"\n{m} (batch {batch})\n{'variant':<28}{'ms/step':>10}{'x Adam':>9}{'quartiles':>14}"
+              f"{'memory x Adam':>15}")
         for v, r in rows.items():
             memory = f"{r['memory_vs_adam']:>15.2f}" if "memory_vs_adam" in r else ""
-            print(f"{v:<28}{r['median_ms']:>10.1f}{r['time_vs_adam']:>9.2f}{memory}", flush=True)
+            q1, q3 = r["ratio_quartiles"]
+            print(f"{v:<28}{r['median_ms']:>10.1f}{r['time_vs_adam']:>9.2f}{f'{q1:.2f}-{q3:.2f}':>14}{memory}",
+                  flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
