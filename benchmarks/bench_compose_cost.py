@@ -20,8 +20,11 @@ measures, on this machine:
 Medians of repeated timings in one process, one variant after another. Each
 timing cycles through copies of its tensors totalling 512 MiB, more than the
 cache, because in a training step the activations evict the kernels between
-two uses (measured on this machine: timed on one warm tensor, powerprop's
-composition cost about a third of what it adds to a VGG-11 step).
+two uses. (On this machine that doubled the cost of a plain pass, 0.27 ->
+0.52 ns per element, but left powerprop's composition at about 2.4 ns per
+element, about a third of what powerprop added to a VGG-11 step in one
+benchmark run and about what it added in another: the model does not explain
+that gap, and the step benchmark's noise is of the same size.)
 """
 
 from __future__ import annotations
