@@ -93,12 +93,9 @@ def compose_seconds(style: str, channels: int, repeats: int) -> tuple[float, flo
     blocks = [make_block(layer, style, ratio=4, gen=torch.Generator().manual_seed(i)) for i in range(_copies(nbytes))]
     grad = torch.ones(layer.weight.shape)
 
-    def compose(block):
-        return block.effective_weight_bias()[0] if hasattr(block, "effective_weight_bias") else block.composed_weight()
-
     def run():
         for block in blocks:
-            compose(block).backward(grad)
+            block.composed_weight().backward(grad)
 
     seconds = median_seconds(run, repeats) / (len(blocks) * layer.weight.numel())
     return seconds, blocks[0].compose_macs() / layer.weight.numel()

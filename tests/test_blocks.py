@@ -268,10 +268,16 @@ def test_registry_declarations_match_the_blocks():
         block = make_block(layer, name, ratio=2)
         assert block.style == name and block.trains_online == info.trains_online
         assert info.label and info.step_cost > 0
-        if info.trains_online:  # an online style composes its kernel
+        if info.trains_online:  # an online style composes its kernel: the one it folds to, the one it runs
             x = torch.randn(2, 8, 6, 6)
             with torch.no_grad():
                 assert compare_outputs(block.eval()(x), block.forward_composed(x)) <= 1e-5
+                w = block.composed_weight()
+                assert w.shape == layer.weight.shape and w.dtype == layer.weight.dtype and w.is_contiguous()
+                assert compare_outputs(block.composed_weight(torch.float64), block.folded_weight_bias()[0]) <= 1e-12
+        else:
+            with pytest.raises(NotImplementedError, match="does not train online"):
+                block.composed_weight()
         if "ratio" in info.options:
             assert make_block(layer, name, ratio=3).ratio == 3
         # a bias-free layer whose output has no sink gets a block that folds to no bias at all

@@ -260,13 +260,13 @@ def test_expand_pass_params_rebuild_the_same_pass():
 
 
 class _WideOnSmallMap(nn.Module):
-    """A narrow conv on a 32x32 map, then a wide conv on a 2x2 map (VGG-11's last stage in miniature)."""
+    """A conv ``8 -> mid`` on a 32x32 map, then ``mid -> wide`` on a 2x2 map (VGG-11's last stage in miniature)."""
 
-    def __init__(self):
+    def __init__(self, mid: int = 8, wide: int = 256):
         super().__init__()
-        self.narrow = nn.Conv2d(8, 8, 3, padding=1)
+        self.narrow = nn.Conv2d(8, mid, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.wide = nn.Conv2d(8, 256, 3, padding=1)
+        self.wide = nn.Conv2d(mid, wide, 3, padding=1)
 
     def forward(self, x):
         return self.wide(self.pool(self.narrow(x)))
@@ -301,19 +301,6 @@ def test_a_saved_model_replays_the_budgets_choice(tmp_path):
     assert kinds == {n: type(m).__name__ for n, m in loaded.named_modules() if n in kinds}
 
 
-class _WiderOnSmallMap(nn.Module):
-    """An 8 -> 256 conv on a 32x32 map, then a 256 -> 512 conv on a 2x2 map (1.18 M weights)."""
-
-    def __init__(self):
-        super().__init__()
-        self.narrow = nn.Conv2d(8, 256, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(2)
-        self.wide = nn.Conv2d(256, 512, 3, padding=1)
-
-    def forward(self, x):
-        return self.wide(self.pool(self.narrow(x)))
-
-
 def test_budget_counts_elementwise_work_as_memory_bound_passes():
     """An elementwise composition costs ELEMENT_MACS units per pass and element (cost model 2), not one
     multiply-add per element (cost model 1, kept for old recipes). At a 1% budget (30 M of the model's 3.0 G
@@ -326,7 +313,7 @@ def test_budget_counts_elementwise_work_as_memory_bound_passes():
     from sntfx.passes.snt_expand import MIN_COUNTED
 
     x = torch.randn(2, 8, 32, 32)
-    model = _WiderOnSmallMap()
+    model = _WideOnSmallMap(mid=256, wide=512)  # the wide conv: 256 -> 512, 1.18 M weights
     gm = sntfx.transform(model, x, style="powerprop", budget=0.01, batch_size=128)
     assert isinstance(gm.narrow, PowerPropagation) and isinstance(gm.wide, nn.Conv2d)
     wide = PowerPropagation(LayerConfig.from_module(model.wide))

@@ -261,6 +261,14 @@ class SNTBlock(nn.Module):
         """Forward through the composed kernel (styles that train online implement it; same outputs and gradients)."""
         raise NotImplementedError(f"style '{self.style}' does not train online")
 
+    def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The single layer's kernel, composed from this block's parameters (differentiable).
+
+        Styles that train online implement it: it is what ``forward_composed``
+        convolves with, in ``dtype`` or the parameters' dtype.
+        """
+        raise NotImplementedError(f"style '{self.style}' does not train online")
+
     @property
     def trains_online(self) -> bool:
         """Whether this block's style can run the composed kernel in training (see the style registry)."""

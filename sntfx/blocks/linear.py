@@ -143,6 +143,10 @@ class LinearExpansion(SNTBlock):
         b = torch.einsum("gob,gb->go", p, b2).reshape(-1) + cast(self.project.bias)
         return w, b
 
+    def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The composed kernel alone (differentiable); see :meth:`effective_weight_bias`."""
+        return self.effective_weight_bias(dtype)[0]
+
     @functools.cached_property
     def _compose_orders(self) -> tuple[int, int]:
         """MACs of composing the kernel as (W3 W2) W1 and as W3 (W2 W1)."""
