@@ -8,11 +8,16 @@ and the ratio to Adam's median. Peak memory per step is measured for each
 variant in a fresh process (CUDA: ``max_memory_allocated``; CPU: the
 parameters' bytes plus the highest growth of the resident set, sampled every
 0.5 ms, over three steps: gradients, optimizer state, activations and
-workspaces) and given as a ratio to Adam's.
+workspaces) and given as a ratio to Adam's. Beside it, "held" is the memory a
+step must hold, counted rather than sampled, so free of the allocator's and
+the sampler's noise: parameters, gradients and optimizer state, plus every
+tensor autograd keeps for the backward pass (saved-tensor hooks, each storage
+once); workspaces are left out.
 
     python benchmarks/bench_train_step.py                      # every model, this machine
     python benchmarks/bench_train_step.py --models smallvgg,resnet20 --rounds 3
     python benchmarks/bench_train_step.py --device cuda        # on a GPU
+    python benchmarks/bench_train_step.py --memory-only        # memory alone (needs no quiet machine)
 
 Inputs are random (a step's cost does not depend on the values) of each
 model's usual size and batch: Fashion-MNIST 1x28x28 for smallvgg, CIFAR
@@ -62,7 +67,8 @@ def variant_names(styles: list[str] | None = None, explicit: bool = True) -> lis
     return names
 
 
-def build(model_name: str, variant: str, device: torch.device, batch: int = 128, budget="default"):
+def build(model_name: str, variant: str, device: torch.device, batch: int = 128, budget="default",
+          memory_budget="default"):
     spec, kwargs, shape, _, _ = MODELS[model_name]
     torch.manual_seed(0)
     base = sntfx.build_model(spec, **kwargs)
@@ -70,6 +76,7 @@ def build(model_name: str, variant: str, device: torch.device, batch: int = 128,
     if variant.startswith("snt "):
         _, style, form = variant.split(" ")
         extra = {} if budget == "default" else {"budget": budget}
+        extra |= {} if memory_budget == "default" else {"memory_budget": memory_budget}
         model = sntfx.transform(base, x, style=style, batch_size=batch, **extra)
         set_online_fold(model, form == "online")
     else:
@@ -137,24 +144,47 @@ def time_model(model_name: str, variants: list[str], device, rounds: int, steps:
     return out
 
 
-def peak_memory(model_name: str, variant: str, device: str, batch: int | None, budget="default") -> float:
-    """Peak bytes of one training step of ``variant``, measured in a fresh process."""
+def peak_memory(model_name: str, variant: str, device: str, batch: int | None, budget="default",
+                memory_budget="default") -> tuple[float, float]:
+    """Peak bytes of one training step of ``variant``, measured in a fresh process, and the bytes it holds."""
     argv = [sys.executable, __file__, "--_memory", model_name, variant, "--device", device]
     argv += [] if budget == "default" else ["--budget", str(budget).lower()]
+    argv += [] if memory_budget == "default" else ["--memory-budget", str(memory_budget).lower()]
     out = subprocess.run(argv + (["--batch", str(batch)] if batch else []), capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    peak, held = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(held)
 
 
-def _measure_memory(model_name: str, variant: str, device: torch.device, batch: int | None, budget="default") -> float:
+def held_bytes(model, opt, x, y) -> float:
+    """What a step holds, counted: parameters, gradients, optimizer state, and what autograd keeps for backward."""
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+               *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in held:
+            saved.setdefault(ptr, t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    del loss
+    return float(sum(held.values()) + sum(saved.values()))
+
+
+def _measure_memory(model_name: str, variant: str, device: torch.device, batch: int | None, budget="default",
+                    memory_budget="default") -> tuple[float, float]:
     x, y = batch_for(model_name, device, batch)
-    model, opt = build(model_name, variant, device, int(x.shape[0]), budget)
+    model, opt = build(model_name, variant, device, int(x.shape[0]), budget, memory_budget)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             step(model, opt, x, y)
         torch.cuda.synchronize()
-        return float(torch.cuda.max_memory_allocated())
+        return float(torch.cuda.max_memory_allocated()), held_bytes(model, opt, x, y)
     import gc
     import threading
 
@@ -179,7 +209,7 @@ def _measure_memory(model_name: str, variant: str, device: torch.device, batch: 
     sampler.join()
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     # parameters + what a step adds at its peak (gradients, optimizer state, activations, workspaces)
-    return float(params + peak[0] - before)
+    return float(params + peak[0] - before), held_bytes(model, opt, x, y)
 
 
 def _budget(text: str):
@@ -203,14 +233,20 @@ def main() -> None:
                         help="skip the explicit form of styles that train online (it is not what training runs)")
     parser.add_argument("--budget", type=_budget, default="default",
                         help="the snt pass's training-cost budget (a fraction, or 'none'); default: the pass's default")
+    parser.add_argument("--memory-budget", type=_budget, default="default",
+                        help="the snt pass's training-memory budget (a fraction, or 'none'); default: the pass's")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="measure memory alone, no timing")
     parser.add_argument("--out", default="bench-results/train_step.json")
     parser.add_argument("--_memory", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args._memory:
-        print(_measure_memory(args._memory[0], args._memory[1], device, args.batch, args.budget))
+        print(*_measure_memory(args._memory[0], args._memory[1], device, args.batch, args.budget,
+                               args.memory_budget))
         return
+    if args.memory_only and args.no_memory:
+        parser.error("--memory-only and --no-memory leave nothing to measure")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
@@ -224,25 +260,31 @@ def main() -> None:
           f"rounds x {args.steps} steps; x Adam: median of the per-round ratios (quartiles beside it)", flush=True)
     results = {}
     for m in models:
-        timed = time_model(m, variants, device, args.rounds, args.steps, args.batch, args.budget)
+        if args.memory_only:
+            timed = {"_batch": int(batch_for(m, device, args.batch)[0].shape[0])} | {v: {} for v in variants}
+        else:
+            timed = time_model(m, variants, device, args.rounds, args.steps, args.batch, args.budget)
         batch = timed.pop("_batch")
-        mem = {} if args.no_memory else {v: peak_memory(m, v, args.device, args.batch, args.budget) for v in variants}
-        rows = {v: {**timed[v], **({"peak_bytes": mem[v], "memory_vs_adam": mem[v] / mem["adam"]} if mem else {})}
+        mem = {} if args.no_memory else {v: peak_memory(m, v, args.device, args.batch, args.budget,
+                                                        args.memory_budget) for v in variants}
+        rows = {v: {**timed[v], **({"peak_bytes": mem[v][0], "memory_vs_adam": mem[v][0] / mem["adam"][0],
+                                    "held_bytes": mem[v][1], "held_vs_adam": mem[v][1] / mem["adam"][1]}
+                                   if mem else {})}
                 for v in variants}
         results[m] = {"batch": batch, "variants": rows}
         print(f"\n{m} (batch {batch})\n{'variant':<28}{'ms/step':>10}{'x Adam':>9}{'quartiles':>14}"
-              f"{'memory x Adam':>15}")
+              f"{'memory x Adam':>15}{'held x Adam':>13}")
         for v, r in rows.items():
-            memory = f"{r['memory_vs_adam']:>15.2f}" if "memory_vs_adam" in r else ""
-            q1, q3 = r["ratio_quartiles"]
-            print(f"{v:<28}{r['median_ms']:>10.1f}{r['time_vs_adam']:>9.2f}{f'{q1:.2f}-{q3:.2f}':>14}{memory}",
-                  flush=True)
+            memory = f"{r['memory_vs_adam']:>15.2f}{r['held_vs_adam']:>13.2f}" if "memory_vs_adam" in r else ""
+            timing = (f"{r['median_ms']:>10.1f}{r['time_vs_adam']:>9.2f}"
+                      f"{'{:.2f}-{:.2f}'.format(*r['ratio_quartiles']):>14}") if "median_ms" in r else f"{'':>33}"
+            print(f"{v:<28}{timing}{memory}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                                "machine": platform.machine(), "rounds": args.rounds, "steps": args.steps,
-                               "budget": args.budget,
-                               "results": results}, indent=2))
+                               "budget": args.budget, "memory_budget": args.memory_budget,
+                               "memory_only": args.memory_only, "results": results}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -34,6 +34,17 @@ cheapest relative to their own work are expanded first and the rest stay plain
 (counted as :data:`OVER_BUDGET`). ``budget=None`` expands every eligible
 layer. Recipes saved before the budget existed replay without it.
 
+Training memory: an online block holds its extra parameters with their
+gradients and optimizer state, and what composing its kernel keeps for the
+backward pass (``SNTBlock.memory_cost``); ``linear`` x4 on a 3x3 conv holds
+about 16 times the layer's weights. ``memory_budget`` bounds the sum to a
+fraction of the plain model's training memory at ``batch_size`` (parameters
+with gradients and optimizer state, plus the activations autograd keeps,
+measured on the example inputs): after the time budget, the blocks that hold
+the most memory relative to their layer's work stay plain until it holds
+(counted as :data:`OVER_MEMORY`). It applies together with ``budget``:
+``budget=None`` sets no limit of either kind.
+
 Requires: nothing. Provides: ``expanded``. Numerics: changes the function
 (fresh initialisation), or exact with ``preserve=True``.
 """
@@ -54,16 +65,18 @@ from torch import nn
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
 from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, output_shape, set_module, shared_parameter_owners
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
-from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
+from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET
 from sntfx.policy import Policy
 from sntfx.tracing import propagate_shapes
 
-__all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET", "COST_MODEL"]
+__all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET", "OVER_MEMORY", "COST_MODEL"]
 
 log = logging.getLogger(__name__)
 
 #: The stat counting layers left plain by the training-cost budget (``PassResult.stats``).
 OVER_BUDGET = "skip: over the training-cost budget"
+#: The stat counting layers left plain by the training-memory budget.
+OVER_MEMORY = "skip: over the training-memory budget"
 #: The budget's cost model: 1 counted one multiply-add per element of an elementwise composition and
 #: nothing for extra parameters (recipes saved with it replay with it); 2 is the calibrated model
 #: (``SNTBlock.compose_cost`` and ``parameter_cost``).
@@ -97,7 +110,10 @@ class SNTExpand(Pass):
             the extra parameters) may add to a step, as a fraction of the plain
             model's conv/linear multiply-adds at ``batch_size`` (module
             docstring); None: no limit.
-        batch_size: the training batch the budget is reckoned at.
+        memory_budget: the most that the blocks may add to a training step's
+            memory, as a fraction of the plain model's at ``batch_size``
+            (module docstring); applies only with ``budget``. None: no limit.
+        batch_size: the training batch the budgets are reckoned at.
         plain_layers: the layers the budget leaves plain, as decided before:
             a saved model's recipe records them, so that loading rebuilds the
             same structure whatever the cost model has become. None: decide.
@@ -113,7 +129,7 @@ class SNTExpand(Pass):
     invalidates = frozenset({Property.FOLDED})
     #: Recipes saved before the budget existed expanded every eligible layer; those saved before the
     #: calibrated cost model used the first one.
-    legacy_params = {"budget": None, "cost_model": 1}
+    legacy_params = {"budget": None, "cost_model": 1, "memory_budget": None}
 
     def __init__(
         self,
@@ -127,9 +143,11 @@ class SNTExpand(Pass):
         batch_size: int = DEFAULT_BATCH,
         plain_layers: list[str] | None = None,
         cost_model: int = COST_MODEL,
+        memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
     ):
-        if budget is not None and not (isinstance(budget, (int, float)) and budget >= 0):
-            raise ValueError(f"budget must be a fraction >= 0 (e.g. 0.1) or None, got {budget!r}")
+        for name, value in (("budget", budget), ("memory_budget", memory_budget)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{name} must be a fraction >= 0 (e.g. 0.1) or None, got {value!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if cost_model not in (1, 2):
@@ -152,6 +170,7 @@ class SNTExpand(Pass):
         self.online = bool(online)
         self.seed = seed
         self.budget = None if budget is None else float(budget)
+        self.memory_budget = None if memory_budget is None else float(memory_budget)
         self.batch_size = batch_size
         self.plain_layers = None if plain_layers is None else sorted(plain_layers)
         self.cost_model = cost_model
@@ -163,7 +182,8 @@ class SNTExpand(Pass):
 
     def params(self) -> dict[str, Any]:
         return {"policy": self.policy.to_dict(), "preserve": self.preserve, "online": self.online, "seed": self.seed,
-                "budget": self.budget, "batch_size": self.batch_size, "cost_model": self.cost_model,
+                "budget": self.budget, "memory_budget": self.memory_budget, "batch_size": self.batch_size,
+                "cost_model": self.cost_model,
                 "plain_layers": self._decided if self._decided is not None else self.plain_layers}
 
     def spec(self) -> str:
@@ -219,14 +239,15 @@ class SNTExpand(Pass):
         if self.budget is not None:
             # blocks are built (and the generator drawn) for every layer first, so a replay matches
             if self.plain_layers is not None:
-                dropped = [p for p in self.plain_layers if p in blocks]
+                # as recorded (which budget left each plain is not: both count as over budget)
+                dropped = {p: OVER_BUDGET for p in self.plain_layers if p in blocks}
             elif any(b.trains_online for b, _ in blocks.values()):
                 dropped = self._over_budget(gm, ctx, targets, blocks)
             else:
-                dropped = []
+                dropped = {}
             for path in dropped:
                 del blocks[path]
-                stats[OVER_BUDGET] += 1
+                stats[dropped[path]] += 1
             self._decided = sorted(dropped)
         for path, (block, style_name) in blocks.items():
             set_module(gm, path, block)
@@ -236,12 +257,14 @@ class SNTExpand(Pass):
         log.info("snt: expanded %d of %d layers", len(blocks), len(targets))
         return PassResult(gm, bool(blocks), stats)
 
-    def _over_budget(self, gm, ctx: PassContext, targets: list[str], blocks: dict[str, tuple[SNTBlock, str]]) -> list[str]:
-        """The blocks to leave out so that their extra training work is at most ``budget`` of the plain layers'."""
+    def _over_budget(self, gm, ctx: PassContext, targets: list[str],
+                     blocks: dict[str, tuple[SNTBlock, str]]) -> dict[str, str]:
+        """The blocks to leave out, each with the stat that says why: their extra training work is at most
+        ``budget`` of the plain layers', and the memory they add at most ``memory_budget`` of the plain model's."""
         calls = _layer_calls(gm, ctx.example_inputs, targets, self.batch_size)
         if calls is None:
             log.warning("snt: no example inputs to measure the layers on; the training-cost budget is not applied")
-            return []
+            return {}
         modules = dict(gm.named_modules())
         plain = {p: sum(layer_macs(LayerConfig.from_module(modules[p]), o) for _, o in calls[p]) for p in targets}
         allowed = self.budget * sum(plain.values())
@@ -264,15 +287,44 @@ class SNTExpand(Pass):
             if extra[path] < MIN_COUNTED:
                 extra[path] = 0
         order = sorted(blocks, key=lambda p: extra[p] / max(plain[p], 1))  # cheapest relative to its own work first
-        spent, dropped = 0, []
+        spent, dropped = 0, {}
         for path in order:
             if spent + extra[path] <= allowed:
                 spent += extra[path]
                 continue
-            dropped.append(path)
+            dropped[path] = OVER_BUDGET
             log.info("snt: %s stays plain: as a block it adds %.2fx its own work per step at batch %d "
                      "(budget: %.0f%% of the model's)", path, extra[path] / max(plain[path], 1), self.batch_size,
                      100 * self.budget)
+        if self.memory_budget is not None:
+            kept = [p for p in order if p not in dropped and blocks[p][0].trains_online]
+            dropped.update(self._over_memory(gm, ctx, kept, blocks, plain))
+        return dropped
+
+    def _over_memory(self, gm, ctx: PassContext, kept: list[str], blocks: dict[str, tuple[SNTBlock, str]],
+                     plain: dict[str, int]) -> dict[str, str]:
+        """Of the blocks ``kept``, those to leave plain so that the memory they add is at most ``memory_budget``
+        of the plain model's training memory: the ones holding the most per unit of their layer's work go first."""
+        activations = _activation_bytes(gm, tuple(ctx.example_inputs or ()), self.batch_size)
+        if activations is None:
+            log.warning("snt: could not run the model on its example inputs to measure its activations; the "
+                        "training-memory budget is not applied")
+            return {}
+        from sntfx.blocks.base import OPTIMIZER_STATES
+
+        params = sum(p.numel() * p.element_size() for p in gm.parameters())
+        model = (2 + OPTIMIZER_STATES) * params + activations
+        allowed = self.memory_budget * model
+        held = {p: blocks[p][0].memory_cost() for p in kept}
+        total, dropped = sum(held.values()), {}
+        for path in sorted(kept, key=lambda p: held[p] / max(plain[p], 1), reverse=True):
+            if total <= allowed:
+                break
+            total -= held[path]
+            dropped[path] = OVER_MEMORY
+            log.info("snt: %s stays plain: as a block it holds %.1f MB more in training (memory budget: %.0f%% of "
+                     "the plain model's %.1f MB at batch %d)", path, held[path] / 2**20, 100 * self.memory_budget,
+                     model / 2**20, self.batch_size)
         return dropped
 
 
@@ -293,6 +345,44 @@ def _layer_calls(gm, example_inputs, targets: list[str], batch_size: int) -> dic
         if node.op == "call_module" and node.target in calls and isinstance(node.args[0], fx.Node):
             calls[node.target].append((at_batch(output_shape(node.args[0])), at_batch(output_shape(node))))
     return calls
+
+
+def _activation_bytes(gm, example_inputs: tuple, batch_size: int) -> float | None:
+    """Bytes of the activations autograd keeps for the backward pass of ``gm`` at ``batch_size``.
+
+    One forward on the example inputs, in eval mode (BatchNorm keeps its input
+    either way; a batch of one is allowed), counting each storage that
+    autograd saves once, parameters and buffers aside; scaled from the example
+    batch to ``batch_size``. None when the model cannot run on them.
+    """
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs) or inputs[0].dim() == 0:
+        return None
+    if inputs[0].device.type == "meta" or any(p.device.type == "meta" for p in gm.parameters()):
+        return None
+    own = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    training = gm.training
+    gm.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = gm(*inputs)
+        total = sum(saved.values())
+        del out
+    except Exception as exc:  # a model the shapes pass could run but this cannot: no estimate, said by the caller
+        log.debug("snt: activation estimate failed: %s", exc)
+        return None
+    finally:
+        gm.train(training)
+    return total * batch_size / inputs[0].shape[0]
 
 
 def _ancestors(path: str) -> list[str]:

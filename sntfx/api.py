@@ -12,7 +12,7 @@ from .errors import SntfxError
 from .models import ModelSpec
 from .pass_base import PassContext
 from .pass_manager import PassManager, PipelineReport
-from .pipelines import DEFAULT_BATCH, DEFAULT_BUDGET
+from .pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET
 from .policy import Policy
 from .tracing import as_input_tuple, sntfx_meta
 from .tracing import trace as _trace
@@ -96,6 +96,7 @@ def transform(
     pretrained: bool | str = False,
     budget: float | None = DEFAULT_BUDGET,
     batch_size: int = DEFAULT_BATCH,
+    memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
 ) -> fx.GraphModule | tuple[fx.GraphModule, PipelineReport]:
     """Trace and expand every eligible layer into an SNT block (the ``snt`` pass).
 
@@ -115,6 +116,8 @@ def transform(
             parameters) may add to a step, as a fraction of the plain layers' multiply-adds at
             ``batch_size``; layers over it stay plain
             (None: expand every eligible layer). See the ``snt`` pass.
+        memory_budget: with ``budget``, the most the blocks may add to a training step's memory, as a
+            fraction of the plain model's at ``batch_size`` (None: no memory limit).
 
     Example::
 
@@ -129,7 +132,7 @@ def transform(
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
     passes = canonical_passes("before-training", snt=dict(style=style, ratio=ratio, policy=policy, preserve=preserve,
                                                           online=online, seed=seed, budget=budget,
-                                                          batch_size=batch_size))
+                                                          batch_size=batch_size, memory_budget=memory_budget))
     result = PassManager(passes, check=check).run(gm, PassContext(example_inputs=inputs, seed=seed),
                                                     inplace=inplace or not given)
     return (result.graph_module, result) if report else result.graph_module

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEFAULT_STYLE", "DEFAULT_RATIO", "DEFAULT_BUDGET", "DEFAULT_BATCH", "CANONICAL", "canonical_passes"]
+__all__ = ["DEFAULT_STYLE", "DEFAULT_RATIO", "DEFAULT_BUDGET", "DEFAULT_MEMORY_BUDGET", "DEFAULT_BATCH", "CANONICAL",
+           "canonical_passes"]
 
 #: The expansion style used when none is named (``sntfx transform``, the policy, ``sntfx.transform``).
 DEFAULT_STYLE = "qa-branch"
@@ -29,6 +30,10 @@ DEFAULT_RATIO = 4
 #: conv/linear multiply-adds (the ``snt`` pass's ``budget``), and the batch it is reckoned at.
 DEFAULT_BUDGET = 0.10
 DEFAULT_BATCH = 128
+#: The most that SNT blocks may add to a training step's memory (extra parameters with their gradients and
+#: optimizer state, tensors kept by the composition), as a fraction of the plain model's (the ``snt`` pass's
+#: ``memory_budget``). The goal is 1.3x; the estimate leaves out workspaces, hence the margin.
+DEFAULT_MEMORY_BUDGET = 0.25
 
 CANONICAL: dict[str, str] = {
     "before-training": "snt",

@@ -375,3 +375,49 @@ def test_branch_forward_matches_the_plain_multi_branch_computation_in_training(s
             assert torch.allclose(p1.grad, p2.grad, rtol=1e-9, atol=1e-12), n
     for (n, b1), b2 in zip(block.named_buffers(), reference.buffers()):
         assert compare_outputs(b1, b2) <= 1e-10, n
+
+
+def _saved_by_composition(block) -> int:
+    """Elements autograd keeps while composing ``block``'s kernel (parameters aside), plus the composed kernel
+    itself, which the convolution keeps where the plain layer's keeps its weight."""
+    own = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        w = block.composed_weight()
+    return sum(saved.values()) // w.element_size() + w.numel()
+
+
+@pytest.mark.parametrize("style", ONLINE_STYLES)
+@pytest.mark.parametrize("name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "3x5 dilated grouped", "1x1",
+                                  "conv1d s2 dilated", "linear wide-in", "linear wide-out"])
+def test_memory_cost_counts_what_training_holds(style, name):
+    """A block's declared training memory is what autograd keeps for its composition (measured with saved-tensor
+    hooks) plus its extra parameters held four times (value, gradient, Adam's two moments)."""
+    from sntfx.blocks.base import OPTIMIZER_STATES
+
+    layer = LAYERS[name]()
+    for c_in, c_out in ((1, 1), (8, 4), (4, 8)):  # the same layer kind at several widths: both composition orders
+        if isinstance(layer, nn.Linear):
+            wide = nn.Linear(layer.in_features * c_in, layer.out_features * c_out)
+        elif layer.groups > 1:
+            wide = layer
+        else:
+            wide = type(layer)(layer.in_channels * c_in, layer.out_channels * c_out, layer.kernel_size,
+                               stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                               bias=layer.bias is not None)
+        block = make_block(wide, style, ratio=4)
+        measured, declared = _saved_by_composition(block), block.saved_numel()
+        # up to a few per-channel vectors (lin-branch's scales), which saved_numel leaves out
+        assert abs(measured - declared) <= 0.05 * measured + 4 * block.config.out_features, (wide, measured, declared)
+        extra = sum(p.numel() for p in block.parameters()) - wide.weight.numel() - (wide.bias is not None) * (
+            block.config.out_features)
+        assert block.memory_cost() == 4 * ((2 + OPTIMIZER_STATES) * max(extra, 0) + declared)
+    explicit = make_block(nn.Conv2d(8, 8, 3), "branch")
+    assert explicit.memory_cost() == 4 * (2 + OPTIMIZER_STATES) * explicit.extra_parameters()  # composes nothing

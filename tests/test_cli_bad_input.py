@@ -128,7 +128,9 @@ IGNORED = {
                ["--data-dir", "{d}/folder"]],
     "inspect": [["--data", "digits"], ["--data-dir", "{d}/folder"]],
     "transform": [["--ratio", "2"], ["--style", "branch", "--ratio", "2"], ["--entry", "build_model"],
-                  ["--data-dir", "{d}/folder"], ["--pretrained"]],
+                  ["--data-dir", "{d}/folder"], ["--pretrained"], ["--budget", "none", "--memory-budget", "0.2"],
+                  ["--passes", "snt", "--budget", "0.2"], ["--passes", "snt", "--memory-budget", "0.2"],
+                  ["--passes", "snt", "--batch-size", "64"]],
     "bench": [["--data-dir", "{d}/folder"]],
     "study": [["--report-only"], ["--report-only", "--epochs", "2"]],
 }

@@ -11,7 +11,7 @@ from sntfx import PassContext, PassManager, Policy, Rule
 from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, SNTBlock, style_names
 from sntfx.graph_utils import randomize_
 from sntfx.passes import FoldBatchNorm, SNTExpand, SNTFold
-from sntfx.passes.snt_expand import OVER_BUDGET
+from sntfx.passes.snt_expand import OVER_BUDGET, OVER_MEMORY
 from sntfx.tracing import compare_outputs
 
 from models_for_tests import Conv1dNet, ConvNet, Functional, Tied, Tokens
@@ -365,3 +365,78 @@ def test_budget_is_validated_and_ignores_styles_without_composition():
     x = torch.randn(2, 8, 32, 32)
     gm = sntfx.transform(_WideOnSmallMap(), x, style="branch", budget=0.0)  # explicit styles compose nothing
     assert isinstance(gm.wide, BranchBlock) and isinstance(gm.narrow, BranchBlock)
+
+
+def test_activation_estimate_scales_from_the_example_batch_to_the_training_batch():
+    """What the memory budget takes as the plain model's activations: measured at batch 2 in eval mode, it is
+    within 10% of what autograd keeps in a training-mode step at batch 16."""
+    from sntfx.passes.snt_expand import _activation_bytes
+
+    gm = sntfx.trace(sntfx.build_model("sntfx:resnet20"), torch.zeros(2, 3, 32, 32))
+    own = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gm.train()(torch.randn(16, 3, 32, 32))
+    estimate = _activation_bytes(gm, (torch.randn(2, 3, 32, 32),), 16)
+    assert gm.training  # the estimate puts the mode back
+    assert abs(estimate - sum(saved.values())) <= 0.1 * sum(saved.values())
+    assert _activation_bytes(gm, (torch.randn(2, 5, 32, 32),), 16) is None  # cannot run: no estimate
+
+
+def test_memory_budget_leaves_the_largest_holders_plain():
+    """linear x4 holds about 16x a 3x3 layer's weights four times over (values, gradients, Adam's moments): on
+    ResNet-20 at batch 128 that is 37% more than the plain model's training memory. A 25% memory budget keeps
+    the blocks holding the most per unit of their work plain until the rest fit; budget=None or
+    memory_budget=None sets no memory limit; lin-branch, whose blocks hold little, is unaffected."""
+    from sntfx.blocks.base import OPTIMIZER_STATES
+    from sntfx.passes.snt_expand import _activation_bytes
+
+    x = torch.zeros(2, 3, 32, 32)
+    plain = sntfx.trace(sntfx.build_model("sntfx:resnet20"), x)
+    model = (2 + OPTIMIZER_STATES) * sum(p.numel() * 4 for p in plain.parameters()) + _activation_bytes(plain, (x,), 128)
+    gm, rep = sntfx.transform(plain, x, style="linear", budget=0.1, memory_budget=0.25, report=True)
+    blocks = [m for m in gm.modules() if isinstance(m, LinearExpansion)]
+    dropped = rep.passes[0].stats[OVER_MEMORY]
+    assert dropped >= 1 and rep.passes[0].stats.get(OVER_BUDGET, 0) == 0
+    assert sum(b.memory_cost() for b in blocks) <= 0.25 * model
+    everything = sntfx.transform(plain, x, style="linear", budget=0.1, memory_budget=None)
+    held = sum(b.memory_cost() for b in everything.modules() if isinstance(b, LinearExpansion))
+    assert held > 0.3 * model  # without the limit it would hold more than the goal allows
+    # the plain ones hold the most per multiply-add: the classifier (one row per image) and the last stage's
+    # 64-channel convs (on 8x8 maps)
+    kept = {n for n, m in gm.named_modules() if isinstance(m, LinearExpansion)}
+    left = [n for n, m in everything.named_modules() if isinstance(m, LinearExpansion) and n not in kept]
+    assert len(left) == dropped and all(n.startswith("layer3") or n == "fc" for n in left)
+    nothing_limited = sntfx.transform(plain, x, style="linear", budget=None, memory_budget=0.0)
+    assert sum(isinstance(m, LinearExpansion) for m in nothing_limited.modules()) == len(
+        [m for m in everything.modules() if isinstance(m, LinearExpansion)])
+    _, lb = sntfx.transform(plain, x, style="lin-branch", memory_budget=0.25, report=True)
+    assert OVER_MEMORY not in lb.passes[0].stats
+    with pytest.raises(ValueError, match="memory_budget"):
+        SNTExpand(style="linear", memory_budget=-1)
+
+
+def test_a_saved_model_replays_the_memory_budgets_choice(tmp_path, monkeypatch):
+    """The recipe records the layers the memory budget left plain; loading rebuilds them plain even when the
+    memory model would now decide otherwise, and recipes from before the memory budget replay without it."""
+    import sntfx.blocks.base as base
+
+    x = torch.zeros(2, 3, 32, 32)
+    gm = sntfx.transform("sntfx:resnet20", x, style="linear", memory_budget=0.25)
+    step = next(p for p in gm.meta["sntfx"]["pipeline"] if p["name"] == "snt")
+    assert step["params"]["memory_budget"] == 0.25 and len(step["params"]["plain_layers"]) >= 1
+    sntfx.save(gm, tmp_path / "m.pt")
+    count = sum(isinstance(m, LinearExpansion) for m in gm.modules())
+    monkeypatch.setattr(base, "OPTIMIZER_STATES", -2)  # a memory model under which more would fit
+    assert sum(isinstance(m, LinearExpansion)
+               for m in sntfx.transform("sntfx:resnet20", x, style="linear", memory_budget=0.25).modules()) > count
+    loaded = sntfx.load(tmp_path / "m.pt")
+    assert {n for n, m in loaded.named_modules() if isinstance(m, LinearExpansion)} == {
+        n for n, m in gm.named_modules() if isinstance(m, LinearExpansion)}
+    assert SNTExpand.legacy_params["memory_budget"] is None

@@ -439,6 +439,8 @@ def test_study_under_torchrun(tmp_path):
     ("epochs", "three", "wrong type"),
     ("lr", float("nan"), "wrong type|finite"),
     ("weight_decay", -1.0, "non-negative"),
+    ("budget", "lots", "budget must be a fraction"),
+    ("memory_budget", -0.1, "memory_budget must be a fraction"),
 ])
 def test_study_settings_are_checked_by_the_passes_before_anything_runs(field, value, match):
     with pytest.raises(SntfxError, match=match):
@@ -480,3 +482,20 @@ def test_the_time_left_estimate_uses_step_costs_measured_on_the_studied_model(tm
         run.path.mkdir(parents=True, exist_ok=True)
         (run.path / "train.json").write_text(json.dumps({"settings": study.stage_settings("train")}))
     assert study.measure_step_costs(runs) == {}
+
+
+def test_the_study_builds_its_snt_models_under_both_budgets(tmp_path):
+    """The study hands its budgets to the snt pass: a zero memory budget leaves every online block plain;
+    'none' for the budget sets no limit of either kind, whatever memory_budget says."""
+    from sntfx.blocks import SNTBlock
+
+    def blocks(**budgets):
+        study = Study(StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False, **budgets), tmp_path)
+        run = next(r for r in study.runs() if r.method.snt)
+        return sum(isinstance(m, SNTBlock) for m in study._build(run).modules())
+
+    assert StudyConfig(budget="none", memory_budget=0.2).memory_budget is None
+    assert StudyConfig(memory_budget="None").memory_budget is None and StudyConfig().memory_budget == 0.25
+    unlimited = blocks(budget="none", memory_budget=0.0)
+    assert unlimited > 0 and blocks(budget=0.1, memory_budget=0.0) == 0
+    assert blocks(budget=0.1, memory_budget="none") >= 1

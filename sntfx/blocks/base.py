@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 __all__ = ["LayerConfig", "SNTBlock", "is_expanded", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES",
-           "ELEMENT_MACS", "OPTIMIZER_PASSES"]
+           "ELEMENT_MACS", "OPTIMIZER_PASSES", "OPTIMIZER_STATES"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d}
 _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
@@ -28,6 +28,9 @@ ELEMENT_MACS = 17
 #: Passes over each parameter element per step for the trainer's fused Adam update (measured 1.4-1.8)
 #: and for accumulating its gradient (one).
 OPTIMIZER_PASSES = 2.5
+#: Tensors the optimizer keeps per parameter (Adam's two moments): in training, a parameter element is held
+#: as its value, its gradient and these.
+OPTIMIZER_STATES = 2
 
 #: The layer kinds SNT expands, prunes and quantizes, by name (the policy's ``types``, ``LayerConfig.kind``).
 LAYER_CLASSES: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "linear": nn.Linear}
@@ -330,11 +333,37 @@ class SNTBlock(nn.Module):
             return 0.0
         return self.compose_macs() + ELEMENT_MACS * self.compose_passes * math.prod(self.config.weight_shape())
 
-    def parameter_cost(self) -> float:
-        """Per-step work of the parameters this block has beyond the layer's (gradients, optimizer), in the same units."""
+    def extra_parameters(self) -> int:
+        """Parameter elements this block has beyond the layer's weight and bias."""
         c = self.config
         extra = sum(p.numel() for p in self.parameters()) - math.prod(c.weight_shape()) - c.out_features * c.bias
-        return ELEMENT_MACS * OPTIMIZER_PASSES * max(extra, 0)
+        return max(extra, 0)
+
+    def parameter_cost(self) -> float:
+        """Per-step work of the parameters this block has beyond the layer's (gradients, optimizer), in the same units."""
+        return ELEMENT_MACS * OPTIMIZER_PASSES * self.extra_parameters()
+
+    def saved_numel(self) -> int:
+        """Elements that composing the kernel keeps for the backward pass, beyond the parameters themselves.
+
+        At least the composed kernel: the convolution keeps it where the plain
+        layer's keeps its weight, which is a parameter. Styles whose
+        composition keeps intermediate products add them.
+        """
+        return math.prod(self.config.weight_shape())
+
+    def memory_cost(self) -> int:
+        """Bytes a training step holds for this block beyond what the plain layer holds.
+
+        The extra parameters, with their gradients and optimizer state
+        (:data:`OPTIMIZER_STATES`), and, for a style that trains online, what
+        the composition keeps for the backward pass (:meth:`saved_numel`). The
+        expand pass's ``memory_budget`` uses it; activations are the layer's
+        either way.
+        """
+        elem = self._param_dtype().itemsize
+        saved = self.saved_numel() if self.trains_online else 0
+        return elem * ((2 + OPTIMIZER_STATES) * self.extra_parameters() + saved)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -159,6 +159,17 @@ class LinearExpansion(SNTBlock):
         """The cheaper composition order's multiply-adds (the bias's are negligible)."""
         return min(self._compose_orders)
 
+    def saved_numel(self) -> int:
+        """The composed kernel, the intermediate product, and (composing ``W3 (W2 W1)`` a kernel with
+        several taps) the core in the layout the product needs: einsum copies it, and autograd keeps the copy."""
+        c, g = self.config, self.config.groups
+        a, b = self.hidden
+        o, i, k = c.out_features // g, c.in_features // g, c.ktaps
+        kernel = math.prod(c.weight_shape())
+        if self._project_first():
+            return kernel + g * o * (a // g) * k
+        return kernel + g * (b // g) * i * k + (self.core.weight.numel() if k > 1 else 0)
+
     def _project_first(self) -> bool:
         first, second = self._compose_orders
         return first <= second

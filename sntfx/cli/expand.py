@@ -10,7 +10,7 @@ from rich.table import Table
 from ..blocks import get_style, style_names
 from ..blocks.registry import COST_SOURCE
 from ..errors import SntfxError
-from ..pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_RATIO, DEFAULT_STYLE
+from ..pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET, DEFAULT_RATIO, DEFAULT_STYLE
 from .app import cli, console
 from .report import json_option, report as report_json
 from .console import fmt_int, print_pass_report
@@ -18,6 +18,7 @@ from .options import (
     BUDGET,
     TEXT,
     check_weights_options,
+    given,
     inputs_for,
     model_spec,
     only_with,
@@ -50,8 +51,12 @@ def style_cost(name: str) -> str:
               help="Most that online training may add to a step (composing kernels, updating the extra "
                    "parameters), as a fraction of the plain layers' multiply-adds at --batch-size; layers over it "
                    "stay plain (counted; -v names them). 'none': expand every eligible layer.")
+@click.option("--memory-budget", type=BUDGET, default=DEFAULT_MEMORY_BUDGET, show_default=True,
+              help="With --budget: most that the blocks may add to a training step's memory (extra parameters with "
+                   "their gradients and optimizer state, tensors the composition keeps), as a fraction of the plain "
+                   "model's at --batch-size; layers over it stay plain. 'none': no memory limit.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
-              help="The batch you will train with (what --budget is reckoned at).")
+              help="The batch you will train with (what --budget and --memory-budget are reckoned at).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--passes", "pipeline", default=None, type=TEXT,
               help='Run this pass pipeline instead, e.g. "snt(style=linear,ratio=4)" (see `sntfx passes`).')
@@ -60,8 +65,8 @@ def style_cost(name: str) -> str:
               help="Build the model for this dataset's images and classes, as `sntfx train` does (channels, "
                    "classes, input shape).")
 @click.option("--data-dir", default=None, type=click.Path(exists=True, file_okay=False), help="Where the dataset's files are.")
-def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, budget, batch_size, seed, pipeline,
-              weights_file, pretrained, data_name, data_dir):
+def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, preserve, budget, memory_budget, batch_size,
+              seed, pipeline, weights_file, pretrained, data_name, data_dir):
     """Trace MODEL and expand its conv/linear layers into SNT blocks.
 
     MODEL is model.py (with build_model()), torchvision:NAME, timm:NAME or sntfx:NAME.
@@ -76,6 +81,7 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
 
     out_path = check_output_path(out, inputs_for(model) + [p for p in (policy, weights_file) if p])
     only_with(["data_dir"], data_name is not None, "--data NAME")
+    only_with(["memory_budget"], budget is not None, "a --budget other than none")
     if input_shape and data_name:
         raise SntfxError("--data sets the input shape from the dataset's images, so --input-shape would be "
                          "ignored: drop one of them")
@@ -84,9 +90,11 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
                          "would be ignored: choose a style with a ratio (e.g. --style linear) or drop --ratio")
     spec = model_spec(model, entry, kwargs)
     check_weights_options(spec, weights_file, pretrained)
-    if pipeline and (style or ratio or policy or preserve):
-        raise SntfxError("--passes replaces --style/--ratio/--policy/--preserve: put them in the pipeline, "
-                         'e.g. --passes "snt(style=branch,preserve=true)"')
+    budgets = [n for n in ("budget", "memory_budget", "batch_size") if given(n)]
+    if pipeline and (style or ratio or policy or preserve or budgets):
+        raise SntfxError("--passes replaces --style/--ratio/--policy/--preserve/--budget/--memory-budget/--batch-size: "
+                         'put them in the pipeline, e.g. --passes "snt(style=branch,preserve=true)" or '
+                         '"snt(style=linear,budget=0.2,batch_size=64)"')
     if pipeline:
         from ..pass_base import parse_pipeline
 
@@ -108,14 +116,19 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     else:
         gm, report = do_transform(
             gm, inputs, style=style, ratio=ratio, policy=policy, preserve=preserve, seed=seed, report=True, inplace=True,
-            budget=budget, batch_size=batch_size)
+            budget=budget, batch_size=batch_size, memory_budget=memory_budget)
     print_pass_report(report)
-    from ..passes.snt_expand import OVER_BUDGET
+    from ..passes.snt_expand import OVER_BUDGET, OVER_MEMORY
 
     over = sum(p.stats.get(OVER_BUDGET, 0) for p in report.passes)
     if over:
         console.print(f"{over} layer(s) stay plain: composing them every training step would cost more than "
                       f"{budget:.0%} of the plain layers' work at batch {batch_size} (--budget none expands them; "
+                      "-v names them)", highlight=False)
+    over = sum(p.stats.get(OVER_MEMORY, 0) for p in report.passes)
+    if over:
+        console.print(f"{over} layer(s) stay plain: as blocks they would add more than {memory_budget:.0%} to the "
+                      f"plain model's training memory at batch {batch_size} (--memory-budget none expands them; "
                       "-v names them)", highlight=False)
     from ..blocks import SNTBlock
 

@@ -35,6 +35,9 @@ from .options import BUDGET, NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 @click.option("--budget", type=BUDGET, default=None,
               help="The snt pass's training-cost budget at --batch-size: a fraction, or 'none' to expand every "
                    "eligible layer (see `sntfx transform --help`) [0.1].")
+@click.option("--memory-budget", type=BUDGET, default=None,
+              help="With --budget: the snt pass's training-memory budget at --batch-size, a fraction of the plain "
+                   "model's, or 'none' for no memory limit (see `sntfx transform --help`) [0.25].")
 @click.option("--limit-batches", type=click.IntRange(min=1), default=None, help="Training batches per epoch.")
 @click.option("--eval-images", type=click.IntRange(min=1), default=None,
               help="Images of the evaluated split for the compression sweeps and ONNX accuracy (default: all).")
@@ -58,8 +61,8 @@ from .options import BUDGET, NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, budget, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider, device, num_workers,
-          config_file, out, report_only, trust_source):
+          ratio, budget, memory_budget, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider,
+          device, num_workers, config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
     Resumable: run the same command again and finished stages are kept.
@@ -92,6 +95,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
              "data_dir": data_dir, "methods": methods, "seeds": seeds, "epochs": epochs,
              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay, "rho": rho,
              "ratio": ratio, "budget": "none" if budget is None and given("budget") else budget,
+             "memory_budget": "none" if memory_budget is None and given("memory_budget") else memory_budget,
              "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
              "evaluate_on": evaluate_on, "exclude": list(exclude) or None, "onnx": onnx,
              "provider": provider, "device": device, "num_workers": num_workers}

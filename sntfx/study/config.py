@@ -14,7 +14,7 @@ from typing import Any
 
 from ..blocks import get_style, style_names
 from ..errors import SntfxError
-from ..pipelines import DEFAULT_BUDGET
+from ..pipelines import DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET
 
 __all__ = ["Method", "parse_methods", "parse_seeds", "StudyConfig", "PRESETS", "preset_config", "read_config_file",
            "slug"]
@@ -129,6 +129,8 @@ class StudyConfig:
     ratio: int = 4  # SNT expansion ratio unless the method names one
     # the snt pass's training-cost budget at batch_size (a fraction; "none" or None: expand every eligible layer)
     budget: float | str | None = DEFAULT_BUDGET
+    # the snt pass's training-memory budget at batch_size (applies with budget; "none": no memory limit)
+    memory_budget: float | str | None = DEFAULT_MEMORY_BUDGET
     limit_batches: int | None = None  # training batches per epoch (tiny studies)
     eval_images: int | None = None  # test images for the sweeps and ORT accuracy (None: all)
     sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9])
@@ -193,15 +195,13 @@ class StudyConfig:
             raise SntfxError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
         if self.ratio < 1:
             raise SntfxError(f"--ratio must be at least 1, got {self.ratio}")
-        if isinstance(self.budget, str):
-            if self.budget.strip().lower() != "none":
-                raise SntfxError(f"budget must be a fraction >= 0 (e.g. 0.1) or \"none\", got {self.budget!r}")
-            self.budget = None
-        elif self.budget is not None and self.budget < 0:
-            raise SntfxError(f"budget must be a fraction >= 0 (e.g. 0.1) or \"none\", got {self.budget!r}")
+        self.budget = _fraction_or_none("budget", self.budget)
+        # budget none sets no limit of either kind; the memory budget applies with a budget
+        self.memory_budget = None if self.budget is None else _fraction_or_none("memory_budget", self.memory_budget)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
+
 
     @property
     def method_objects(self) -> list[Method]:
@@ -320,3 +320,12 @@ def preset_config(name: str | None, overrides: dict[str, Any]) -> StudyConfig:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text.replace(":", "-")).strip("_")
+
+
+def _fraction_or_none(name: str, value: Any) -> float | None:
+    """A budget as the config file or the command line gives it: a fraction >= 0, or "none" (None)."""
+    if value is None or isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+        raise SntfxError(f"{name} must be a fraction >= 0 (e.g. 0.1) or \"none\", got {value!r}")
+    return float(value)

@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 STAGES = ("train", "evaluate", "sweep", "onnx")
 SPLIT_KEYS = ("val_images", "evaluate_on")
 TRAIN_KEYS = ("data", "data_dir", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "rho", "ratio",
-              "limit_batches", "val_images", "budget")
+              "limit_batches", "val_images", "budget", "memory_budget")
 STAGE_KEYS = {
     "evaluate": ("rho", "sharpness_batches", "sharpness_batch_size", "sharpness_iters", "trace_samples",
                  "landscape_steps", *SPLIT_KEYS),
@@ -79,7 +79,7 @@ STAGE_KEYS = {
 }
 # Settings added after studies were first written, and the value that means what those studies did: left out of a
 # run's recorded settings at that value, so that a study written before them still resumes.
-ABSENT = {"val_images": 0, "evaluate_on": "test", "exclude": [], "budget": None}
+ABSENT = {"val_images": 0, "evaluate_on": "test", "exclude": [], "budget": None, "memory_budget": None}
 
 
 # What a stage computes, when it grows: a stored result of an older version is redone on resume.
@@ -364,7 +364,8 @@ class Study:
         if run.method.snt:
             x = torch.zeros(self.data.info.input_shape(2))
             gm = sntfx.transform(gm, x, style=run.method.style, ratio=run.method.ratio or self.config.ratio,
-                                 budget=self.config.budget, batch_size=self.config.batch_size,
+                                 budget=self.config.budget, memory_budget=self.config.memory_budget,
+                                 batch_size=self.config.batch_size,
                                  preserve=run.method.init == "preserve", seed=run.seed, inplace=True)
         return gm
 
