@@ -369,7 +369,7 @@ def _activation_bytes(gm, example_inputs: tuple, batch_size: int) -> float | Non
             saved.setdefault(storage.data_ptr(), storage.nbytes())
         return t
 
-    training = gm.training
+    modes = {m: m.training for m in gm.modules()}  # put back module by module (a frozen BatchNorm stays in eval)
     gm.eval()
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
@@ -381,7 +381,8 @@ def _activation_bytes(gm, example_inputs: tuple, batch_size: int) -> float | Non
         log.debug("snt: activation estimate failed: %s", exc)
         return None
     finally:
-        gm.train(training)
+        for m, training in modes.items():
+            m.training = training
     return total * batch_size / inputs[0].shape[0]
 
 

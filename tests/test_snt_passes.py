@@ -383,8 +383,10 @@ def test_activation_estimate_scales_from_the_example_batch_to_the_training_batch
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         gm.train()(torch.randn(16, 3, 32, 32))
+    gm.bn1.eval()  # a frozen BatchNorm in a model in training mode
     estimate = _activation_bytes(gm, (torch.randn(2, 3, 32, 32),), 16)
-    assert gm.training  # the estimate puts the mode back
+    assert gm.training and not gm.bn1.training  # the estimate puts every module's mode back
+    assert all(m.training for n, m in gm.named_modules() if n != "bn1")
     assert abs(estimate - sum(saved.values())) <= 0.1 * sum(saved.values())
     assert _activation_bytes(gm, (torch.randn(2, 5, 32, 32),), 16) is None  # cannot run: no estimate
 
