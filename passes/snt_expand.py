@@ -42,8 +42,9 @@ fraction of the plain model's training memory at ``batch_size`` (parameters
 with gradients and optimizer state, plus the activations autograd keeps,
 measured on the example inputs): after the time budget, the blocks that hold
 the most memory relative to their layer's work stay plain until it holds
-(counted as :data:`OVER_MEMORY`). It applies together with ``budget``:
-``budget=None`` sets no limit of either kind.
+(counted as :data:`OVER_MEMORY`); the blocks may always hold
+:data:`MIN_HELD`. It applies together with ``budget``: ``budget=None`` sets
+no limit of either kind.
 
 Requires: nothing. Provides: ``expanded``. Numerics: changes the function
 (fresh initialisation), or exact with ``preserve=True``.
@@ -86,6 +87,9 @@ COST_MODEL = 2
 #: overhead, which the model does not describe for the plain layer or the block, and leaving the layer
 #: plain would save nothing measurable.
 MIN_COUNTED = 10_000_000
+#: The memory budget allows the blocks at least this many bytes (16 MiB): below it memory does not limit
+#: training, and a small model (whose activations are tiny beside an expansion's parameters) expands as before.
+MIN_HELD = 16 * 2**20
 
 FUNCTIONAL_LAYERS = {
     F.conv1d: "conv",
@@ -314,7 +318,7 @@ class SNTExpand(Pass):
 
         params = sum(p.numel() * p.element_size() for p in gm.parameters())
         model = (2 + OPTIMIZER_STATES) * params + activations
-        allowed = self.memory_budget * model
+        allowed = max(self.memory_budget * model, MIN_HELD)
         held = {p: blocks[p][0].memory_cost() for p in kept}
         total, dropped = sum(held.values()), {}
         for path in sorted(kept, key=lambda p: held[p] / max(plain[p], 1), reverse=True):

@@ -420,6 +420,14 @@ def test_memory_budget_leaves_the_largest_holders_plain():
         [m for m in everything.modules() if isinstance(m, LinearExpansion)])
     _, lb = sntfx.transform(plain, x, style="lin-branch", memory_budget=0.25, report=True)
     assert OVER_MEMORY not in lb.passes[0].stats
+    # a small model's blocks fit in the floor (MIN_HELD) whatever the fraction: memory does not limit its training
+    from sntfx.passes.snt_expand import MIN_HELD
+
+    small = ConvNet()
+    _, rep = sntfx.transform(small, torch.zeros(2, 3, 8, 8), style="linear", memory_budget=0.0, report=True)
+    assert OVER_MEMORY not in rep.passes[0].stats and rep.passes[0].stats["expanded: linear"] >= 2
+    assert 0 < sum(b.memory_cost() for b in sntfx.transform(small, torch.zeros(2, 3, 8, 8), style="linear")
+                   .modules() if isinstance(b, SNTBlock)) <= MIN_HELD
     with pytest.raises(ValueError, match="memory_budget"):
         SNTExpand(style="linear", memory_budget=-1)
 

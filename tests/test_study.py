@@ -484,10 +484,13 @@ def test_the_time_left_estimate_uses_step_costs_measured_on_the_studied_model(tm
     assert study.measure_step_costs(runs) == {}
 
 
-def test_the_study_builds_its_snt_models_under_both_budgets(tmp_path):
+def test_the_study_builds_its_snt_models_under_both_budgets(tmp_path, monkeypatch):
     """The study hands its budgets to the snt pass: a zero memory budget leaves every online block plain;
     'none' for the budget sets no limit of either kind, whatever memory_budget says."""
     from sntfx.blocks import SNTBlock
+    from sntfx.passes import snt_expand
+
+    monkeypatch.setattr(snt_expand, "MIN_HELD", 0)  # the tiny model's blocks would fit in the floor
 
     def blocks(**budgets):
         study = Study(StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False, **budgets), tmp_path)

@@ -120,16 +120,13 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
     print_pass_report(report)
     from ..passes.snt_expand import OVER_BUDGET, OVER_MEMORY
 
-    over = sum(p.stats.get(OVER_BUDGET, 0) for p in report.passes)
-    if over:
-        console.print(f"{over} layer(s) stay plain: composing them every training step would cost more than "
-                      f"{budget:.0%} of the plain layers' work at batch {batch_size} (--budget none expands them; "
-                      "-v names them)", highlight=False)
-    over = sum(p.stats.get(OVER_MEMORY, 0) for p in report.passes)
-    if over:
-        console.print(f"{over} layer(s) stay plain: as blocks they would add more than {memory_budget:.0%} to the "
-                      f"plain model's training memory at batch {batch_size} (--memory-budget none expands them; "
-                      "-v names them)", highlight=False)
+    for stat, what, option, value in ((OVER_BUDGET, "composing them every training step would cost more than {} of "
+                                       "the plain layers' work", "--budget", budget),
+                                      (OVER_MEMORY, "as blocks they would add more than {} to the plain model's "
+                                       "training memory", "--memory-budget", memory_budget)):
+        if over := sum(p.stats.get(stat, 0) for p in report.passes):
+            console.print(f"{over} layer(s) stay plain: {what.format(f'{value:.0%}')} at batch {batch_size} "
+                          f"({option} none expands them; -v names them)", highlight=False)
     from ..blocks import SNTBlock
 
     styles = sorted({m.style for m in gm.modules() if isinstance(m, SNTBlock)})
