@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -502,3 +503,32 @@ def test_the_study_builds_its_snt_models_under_both_budgets(tmp_path, monkeypatc
     unlimited = blocks(budget="none", memory_budget=0.0)
     assert unlimited > 0 and blocks(budget=0.1, memory_budget=0.0) == 0
     assert blocks(budget=0.1, memory_budget="none") >= 1
+
+
+def test_the_candidate_rule_ranks_styles_by_their_mean_primary_score_over_the_screens(tmp_path, capsys):
+    """benchmarks/rank_candidates.py: qa-branch is kept whatever it scores; the others are ranked by the mean of
+    the two primary scores, averaged over the screens each ran in; results read on the test split are refused."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "rank_candidates.py"
+    spec = importlib.util.spec_from_file_location("rank_candidates", script)
+    rank = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rank)
+
+    def screen(name, scores, split="val"):
+        primary = {m: {"pruning score": {"mean": p}, "quantization score": {"mean": q}} for m, (p, q) in scores.items()}
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"config": {"evaluate_on": split},
+                                    "summary": {"m": {"primary_scores": primary}}}))
+        return str(path)
+
+    one = screen("one", {"sam": (0.5, 0.5), "snt-qa-branch": (-0.1, -0.1), "snt-powerprop": (0.04, 0.0),
+                         "snt-lin-branch": (0.01, 0.01)})
+    two = screen("two", {"snt-qa-branch": (0.2, 0.2), "snt-powerprop": (-0.04, -0.04), "snt-lin-branch": (0.0, 0.0),
+                         "snt-linear": (0.03, 0.01)})
+    # means: powerprop (0.02 + -0.04) / 2 = -0.01, lin-branch 0.005, linear 0.02 (one screen only)
+    assert rank.main([one, two]) == ["snt-qa-branch", "snt-linear", "snt-lin-branch"]
+    assert "sam" not in capsys.readouterr().out.split("candidates")[0].split()  # only SNT methods are ranked
+    with pytest.raises(SystemExit, match="validation"):
+        rank.main([screen("test", {"snt-linear": (0.1, 0.1)}, split="test")])
