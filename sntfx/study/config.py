@@ -202,7 +202,6 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
-
     @property
     def method_objects(self) -> list[Method]:
         return parse_methods(self.methods)
