@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 import sntfx
 from sntfx.blocks import get_style, style_names
+from sntfx.graph_utils import saved_for_backward
 from sntfx.train import TrainConfig, Trainer, set_online_fold
 
 MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU batch)
@@ -160,15 +161,7 @@ def held_bytes(model, opt, x, y) -> float:
     tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
                *(t for state in opt.state.values() for t in state.values() if torch.is_tensor(t))]
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in held:
-            saved.setdefault(ptr, t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(tensors) as saved:
         loss = F.cross_entropy(model(x), y)
     del loss
     return float(sum(held.values()) + sum(saved.values()))

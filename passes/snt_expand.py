@@ -64,7 +64,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
-from sntfx.graph_utils import call_sites, find_bias_sink, is_plain, output_shape, set_module, shared_parameter_owners
+from sntfx.graph_utils import (call_sites, find_bias_sink, is_plain, output_shape, saved_for_backward, set_module,
+                               shared_parameter_owners)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET
 from sntfx.policy import Policy
@@ -364,20 +365,11 @@ def _activation_bytes(gm, example_inputs: tuple, batch_size: int) -> float | Non
         return None
     if inputs[0].device.type == "meta" or any(p.device.type == "meta" for p in gm.parameters()):
         return None
-    own = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
     modes = {m: m.training for m in gm.modules()}  # put back module by module (a frozen BatchNorm stays in eval)
     gm.eval()
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                saved_for_backward((*gm.parameters(), *gm.buffers())) as saved:
             out = gm(*inputs)
         total = sum(saved.values())
         del out

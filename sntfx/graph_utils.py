@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 __all__ = [
+    "saved_for_backward",
     "count_parameters",
     "set_module",
     "call_sites",
@@ -129,3 +130,21 @@ def mode(module: torch.nn.Module, *, training: bool) -> Iterator[torch.nn.Module
     finally:
         for m, flag in saved:
             m.training = flag
+
+
+@contextlib.contextmanager
+def saved_for_backward(exclude=()) -> Iterator[dict[int, int]]:
+    """Record what autograd keeps for the backward pass inside the block: {storage address: bytes}, each storage
+    once, the storages of the tensors in ``exclude`` (parameters, buffers) left out. ``sum(d.values())`` is the
+    total."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield saved

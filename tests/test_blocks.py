@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, get_style, make_block, style_names
-from sntfx.graph_utils import randomize_
+from sntfx.graph_utils import randomize_, saved_for_backward
 from sntfx.tracing import compare_outputs
 
 TOL = 1e-5
@@ -380,16 +380,7 @@ def test_branch_forward_matches_the_plain_multi_branch_computation_in_training(s
 def _saved_by_composition(block) -> int:
     """Elements autograd keeps while composing ``block``'s kernel (parameters aside), plus the composed kernel
     itself, which the convolution keeps where the plain layer's keeps its weight."""
-    own = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward(block.parameters()) as saved:
         w = block.composed_weight()
     return sum(saved.values()) // w.element_size() + w.numel()
 

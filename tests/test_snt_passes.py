@@ -9,7 +9,7 @@ from torch import nn
 import sntfx
 from sntfx import PassContext, PassManager, Policy, Rule
 from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, SNTBlock, style_names
-from sntfx.graph_utils import randomize_
+from sntfx.graph_utils import randomize_, saved_for_backward
 from sntfx.passes import FoldBatchNorm, SNTExpand, SNTFold
 from sntfx.passes.snt_expand import OVER_BUDGET, OVER_MEMORY
 from sntfx.tracing import compare_outputs
@@ -373,15 +373,7 @@ def test_activation_estimate_scales_from_the_example_batch_to_the_training_batch
     from sntfx.passes.snt_expand import _activation_bytes
 
     gm = sntfx.trace(sntfx.build_model("sntfx:resnet20"), torch.zeros(2, 3, 32, 32))
-    own = {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_for_backward((*gm.parameters(), *gm.buffers())) as saved:
         gm.train()(torch.randn(16, 3, 32, 32))
     gm.bn1.eval()  # a frozen BatchNorm in a model in training mode
     estimate = _activation_bytes(gm, (torch.randn(2, 3, 32, 32),), 16)
@@ -449,4 +441,8 @@ def test_a_saved_model_replays_the_memory_budgets_choice(tmp_path, monkeypatch):
     loaded = sntfx.load(tmp_path / "m.pt")
     assert {n for n, m in loaded.named_modules() if isinstance(m, LinearExpansion)} == {
         n for n, m in gm.named_modules() if isinstance(m, LinearExpansion)}
-    assert SNTExpand.legacy_params["memory_budget"] is None
+    # a recipe from before the memory budget (no memory_budget, no plain_layers) replays without it: all 22 expand
+    legacy = {k: v for k, v in step["params"].items() if k not in ("memory_budget", "plain_layers")}
+    replayed = PassManager([SNTExpand(**{**SNTExpand.legacy_params, **legacy})]).run(
+        sntfx.trace("sntfx:resnet20", x), PassContext(example_inputs=(x,))).graph_module
+    assert sum(isinstance(m, LinearExpansion) for m in replayed.modules()) == 22
