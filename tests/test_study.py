@@ -505,15 +505,21 @@ def test_the_study_builds_its_snt_models_under_both_budgets(tmp_path, monkeypatc
     assert blocks(budget=0.1, memory_budget="none") >= 1
 
 
+def _benchmark_script(name):
+    """A committed research command under benchmarks/, imported as a module."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_candidate_rule_ranks_styles_by_their_mean_primary_score_over_the_screens(tmp_path, capsys):
     """benchmarks/rank_candidates.py: qa-branch is kept whatever it scores; the others are ranked by the mean of
     the two primary scores, averaged over the screens each ran in; results read on the test split are refused."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "rank_candidates.py"
-    spec = importlib.util.spec_from_file_location("rank_candidates", script)
-    rank = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rank)
+    rank = _benchmark_script("rank_candidates")
 
     def screen(name, scores, split="val"):
         primary = {m: {"pruning score": {"mean": p}, "quantization score": {"mean": q}} for m, (p, q) in scores.items()}
@@ -532,3 +538,29 @@ def test_the_candidate_rule_ranks_styles_by_their_mean_primary_score_over_the_sc
     assert "sam" not in capsys.readouterr().out.split("candidates")[0].split()  # only SNT methods are ranked
     with pytest.raises(SystemExit, match="validation"):
         rank.main([screen("test", {"snt-linear": (0.1, 0.1)}, split="test")])
+
+
+def test_the_schedule_rule_picks_the_first_epoch_within_the_tolerance_of_adams_best(tmp_path, capsys):
+    """benchmarks/confirmation_epochs.py: per model, the first epoch whose validation accuracy (mean over Adam's
+    seeds) is within 0.3 points of the curve's best; other methods are ignored; the test split is refused."""
+    rule = _benchmark_script("confirmation_epochs")
+
+    def curve(name, runs, split="val"):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"config": {"evaluate_on": split}, "runs": [
+            {"model": model, "method": method, "train": {"history": [{"test_accuracy": a} for a in accs]}}
+            for model, method, accs in runs]}))
+        return str(path)
+
+    vgg = curve("vgg", [("m:vgg", "adam", [0.80, 0.900, 0.9040, 0.9060, 0.9050]),
+                        ("m:vgg", "sam", [0.99, 0.99, 0.99, 0.99, 0.99])])
+    # two seeds: mean curve 0.85, 0.896, 0.900, 0.899; epoch 2 is 0.4 points below the best, so epoch 3
+    res = curve("res", [("m:res", "adam", [0.84, 0.896, 0.901, 0.899]), ("m:res", "adam", [0.86, 0.896, 0.899, 0.899])])
+    assert rule.main([vgg, res]) == {"m:vgg": 3, "m:res": 3}
+    assert "within 0.3 points from epoch 3" in capsys.readouterr().out
+    assert rule.main([vgg, "--tolerance", "2"]) == {"m:vgg": 2}
+    with pytest.raises(SystemExit, match="validation"):
+        rule.main([curve("test", [("m:vgg", "adam", [0.9])], split="test")])
+    with pytest.raises(SystemExit, match="different lengths"):
+        rule.main([curve("cut", [("m:vgg", "adam", [0.9, 0.91]), ("m:vgg", "adam", [0.9])])])
