@@ -14,12 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DiskFullError, SntfxError
 
-__all__ = ["atomic_write", "atomic_torch_save", "check_output_path", "current_umask", "is_disk_full"]
+__all__ = ["atomic_write", "atomic_torch_save", "check_output_path", "current_umask", "is_disk_full", "try_lock"]
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -36,6 +37,33 @@ def current_umask() -> int:
     mask = os.umask(0o022)  # portable fallback: read by setting, then restore at once
     os.umask(mask)
     return mask
+
+
+@contextmanager
+def try_lock(path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block, if no other process holds it.
+
+    Yields True while this process holds it, or False at once when another
+    one does (it never waits). The lock is advisory (``flock``): processes
+    that use it exclude each other; the operating system drops it when its
+    holder exits or is killed, so an interrupted process leaves no stale lock
+    behind. Where there is no ``fcntl`` (Windows) it always yields True.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), *,

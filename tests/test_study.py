@@ -302,6 +302,50 @@ def test_interrupted_study_resumes_without_redoing_finished_work(tmp_path):
     assert (tmp_path / "a/results.json").is_file()
 
 
+def test_processes_sharing_a_study_folder_skip_the_runs_another_one_holds(tmp_path):
+    """Two processes on one folder share the runs: a run whose lock another process holds is skipped, not
+    computed twice; the process that is not last writes no report and names the held runs; once the lock is
+    free, the next one computes just that run and writes the report."""
+    from sntfx.io import try_lock
+    from sntfx.study.runner import LOCK
+
+    config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0, 1], onnx=False)
+    busy = tmp_path / "runs/sntfx-cnn/snt-linear/seed0"
+    busy.mkdir(parents=True)
+    with try_lock(busy / LOCK) as mine:  # "another process" is computing snt-linear seed 0
+        assert mine
+        with try_lock(busy / LOCK) as again:
+            assert not again  # a second holder is refused at once
+        first = Study(config, tmp_path)
+        assert first.run() is None
+    assert [r.label for r in first.held] == ["sntfx:cnn snt-linear seed 0"]
+    assert {label for label, _ in first.executed} == {"sntfx:cnn adam seed 0", "sntfx:cnn adam seed 1",
+                                                      "sntfx:cnn snt-linear seed 1"}
+    assert len(first.executed) == 9  # three runs x (train, evaluate, sweep)
+    assert not (busy / "train.json").exists() and not (tmp_path / "results.json").exists()
+    last = Study(config, tmp_path)
+    results = last.run()
+    assert last.executed == [("sntfx:cnn snt-linear seed 0", stage) for stage in ("train", "evaluate", "sweep")]
+    assert len(results["runs"]) == 4 and (tmp_path / "results.json").is_file() and (tmp_path / "report.md").is_file()
+
+
+def test_the_command_says_which_runs_another_process_still_holds(tmp_path):
+    from sntfx.io import try_lock
+    from sntfx.study.runner import LOCK
+
+    busy = tmp_path / "out/runs/sntfx-cnn/adam/seed0"
+    busy.mkdir(parents=True)
+    (tmp_path / "out/study.json").write_text('{"format": "sntfx-study"}')  # the other process started the study
+    with try_lock(busy / LOCK):
+        res = CliRunner().invoke(cli, ["study", "--model", "sntfx:cnn", "--data", "synthetic", "--methods", "adam",
+                                       "--seeds", "0", "--epochs", "1", "--limit-batches", "1", "--no-onnx",
+                                       "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "1 run(s) are still being computed by another process" in res.output
+    assert "sntfx:cnn adam seed 0" in res.output and "last process to finish writes the report" in res.output
+    assert not (tmp_path / "out/results.json").exists() and not (busy / "train.json").exists()
+
+
 def test_changed_sweep_settings_redo_the_sweep_only(tmp_path):
     config = StudyConfig(**TINY, methods=["adam"], seeds=[0], onnx=False)
     Study(config, tmp_path).run()

@@ -65,7 +65,8 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
           device, num_workers, config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
-    Resumable: run the same command again and finished stages are kept.
+    Resumable: run the same command again and finished stages are kept. Parallel: start the same command more
+    than once (one process per core or per GPU) and they share the runs; the last to finish writes the report.
     """
     import os
 
@@ -120,6 +121,12 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
             results = runner.run()
     else:
         runner.run()
+        return
+    if results is None:
+        console.print(f"{len(runner.held)} run(s) are still being computed by another process sharing '{out_dir}' "
+                      f"({', '.join(r.label for r in runner.held[:3])}{', ...' if len(runner.held) > 3 else ''}); "
+                      "the last process to finish writes the report (or run this command again once they are done)",
+                      highlight=False)
         return
     planned = (4 if config.onnx else 3) * len(runner.runs())
     if len(runner.executed) < planned:

@@ -26,7 +26,9 @@ for the chosen configurations (switching keeps the trained runs).
 
 Every stage of every run writes its result as JSON under
 ``OUT/runs/MODEL/METHOD/seedN/`` (training keeps a checkpoint as it goes), so
-an interrupted study continues where it stopped. Under ``torchrun`` every
+an interrupted study continues where it stopped. Processes started with the
+same command on the same folder share it run by run (a lock file per run;
+the last to finish writes the report). Under ``torchrun`` every
 rank trains each run (DistributedDataParallel) and rank 0 alone does the
 rest. At the end the study writes ``results.json`` (validated against
 ``sntfx/schemas/study-results.schema.json``), ``report.md`` and PNG plots.
@@ -49,6 +51,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -57,7 +60,7 @@ import torch
 
 from ..errors import SntfxError
 from ..graph_utils import count_parameters
-from ..io import atomic_write
+from ..io import atomic_write, try_lock
 from .config import Method, StudyConfig, slug
 from .report import write_report
 from .stats import SCHEMA_VERSION, summarize, validate_results
@@ -67,6 +70,7 @@ __all__ = ["Run", "Study", "StudyProgress", "environment"]
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "evaluate", "sweep", "onnx")
+LOCK = ".lock"  # in a run's folder: held by the process computing that run (several may share a study folder)
 SPLIT_KEYS = ("val_images", "evaluate_on")
 TRAIN_KEYS = ("data", "data_dir", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "rho", "ratio",
               "limit_batches", "val_images", "budget", "memory_budget")
@@ -147,6 +151,7 @@ class Study:
         self.executed: list[tuple[str, str]] = []  # (run label, stage) actually computed in this call
         self._data = None
         self._stop_after = stop_after
+        self.held: list[Run] = []  # after run(): the runs other processes were still computing (no report yet)
 
     # -- plan ------------------------------------------------------------------------
     def runs(self) -> list[Run]:
@@ -274,14 +279,20 @@ class Study:
         for run in self.runs():
             self._check_run_dir(run, create=False)
 
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) every stage of every run, then write the report; returns ``results.json``'s content."""
+    def run(self) -> dict[str, Any] | None:
+        """Run (or resume) every stage of every run, then write the report; returns ``results.json``'s content.
+
+        Several processes may run the same study in the same folder at once
+        (the same command, started more than once): each computes the runs no
+        other one holds, and the last to finish writes the report. The others
+        return None, with the runs still being computed elsewhere in ``held``.
+        """
         from ..train import distributed_session
 
-        with distributed_session(self.config.device) as (rank, _, _):  # under torchrun: join the group, then leave
-            return self._run(rank)
+        with distributed_session(self.config.device) as (rank, world, _):  # under torchrun: join the group, then leave
+            return self._run(rank, world)
 
-    def _run(self, rank: int) -> dict[str, Any]:
+    def _run(self, rank: int, world: int) -> dict[str, Any] | None:
         runs = self.runs()
         _ = self.data  # a missing dataset fails here, before anything is written
         if rank == 0:
@@ -294,21 +305,50 @@ class Study:
         measured = self.measure_step_costs(runs) if rank == 0 else {}
         weights = {run: self._weights(run, measured) for run in runs}
         self.progress.begin(sum(sum(w.values()) for w in weights.values()), len(runs))
-        # Phase 1: training (every rank under torchrun). Phase 2: everything else, rank 0 only.
-        for i, run in enumerate(runs):
-            self._stage(i, run, "train", weights[run]["train"], self._train)
-        if rank != 0:
-            return {}
-        for i, run in enumerate(runs):
-            for stage in STAGES[1:]:
-                if stage == "onnx" and not self.config.onnx:
-                    continue
-                self._stage(i, run, stage, weights[run][stage], getattr(self, f"_{stage}"))
+        stages = [st for st in STAGES[1:] if st != "onnx" or self.config.onnx]
+        todo = list(enumerate(runs))
+        while True:
+            # Phase 1: training (every rank under torchrun). Phase 2: everything else, rank 0 only. A run that
+            # another process sharing this folder is computing is skipped in both, and tried again after.
+            held = []
+            for phase in (["train"], stages if rank == 0 else []):
+                for i, run in todo:
+                    if (i, run) in held:
+                        continue
+                    with self._claim(run, world) as mine:
+                        if not mine:
+                            log.info("%s: another process is computing it; going on with the next run", run.label)
+                            held.append((i, run))
+                            continue
+                        for stage in phase:
+                            self._stage(i, run, stage, weights[run][stage], getattr(self, f"_{stage}"))
+            if rank != 0:
+                return {}
+            if not held:
+                break
+            free = [(i, run) for i, run in held if self._claimable(run)]
+            if not free:  # the others are still at work; the last process to finish writes the report
+                self.held = [run for _, run in held]
+                return None
+            todo = free
         results = self.collect(runs)
         validate_results(results)
         atomic_write(self.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
         write_report(results, self.out)
         return results
+
+    def _claim(self, run: Run, world: int):
+        """Hold ``run``'s lock while computing its stages (yields whether this process holds it).
+
+        Processes started with the same command on the same folder share the
+        study this way, run by run. Under torchrun every rank computes each
+        run together, so nothing is locked there.
+        """
+        return try_lock(run.path / LOCK) if world == 1 else nullcontext(True)
+
+    def _claimable(self, run: Run) -> bool:
+        with try_lock(run.path / LOCK) as free:
+            return free
 
     def _check_run_dir(self, run: Run, create: bool) -> None:
         cfg_path = run.path / "config.json"
