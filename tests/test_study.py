@@ -329,6 +329,38 @@ def test_processes_sharing_a_study_folder_skip_the_runs_another_one_holds(tmp_pa
     assert len(results["runs"]) == 4 and (tmp_path / "results.json").is_file() and (tmp_path / "report.md").is_file()
 
 
+def test_a_run_let_go_while_another_is_still_held_is_computed_and_no_report_is_written(tmp_path, monkeypatch):
+    """Of two held runs, one is let go while the process is busy: it computes that one, and still writes no
+    report, because the other run is not done."""
+    import contextlib
+
+    from sntfx.io import try_lock
+    from sntfx.study.runner import LOCK
+
+    config = StudyConfig(**TINY, methods=["adam"], seeds=[0, 1, 2], onnx=False)
+    locks = {}
+    for seed in (1, 2):
+        folder = tmp_path / f"runs/sntfx-cnn/adam/seed{seed}"
+        folder.mkdir(parents=True)
+        locks[seed] = contextlib.ExitStack()
+        assert locks[seed].enter_context(try_lock(folder / LOCK))
+    original = Study._claimable
+
+    def let_seed_1_go(self, run):  # the other process finishes seed 1 while this one works
+        locks[1].close()
+        return original(self, run)
+
+    monkeypatch.setattr(Study, "_claimable", let_seed_1_go)
+    study = Study(config, tmp_path)
+    try:
+        assert study.run() is None
+    finally:
+        locks[2].close()
+    assert [r.label for r in study.held] == ["sntfx:cnn adam seed 2"]
+    assert {label for label, _ in study.executed} == {"sntfx:cnn adam seed 0", "sntfx:cnn adam seed 1"}
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_the_command_says_which_runs_another_process_still_holds(tmp_path):
     from sntfx.io import try_lock
     from sntfx.study.runner import LOCK

@@ -307,10 +307,10 @@ class Study:
         self.progress.begin(sum(sum(w.values()) for w in weights.values()), len(runs))
         stages = [st for st in STAGES[1:] if st != "onnx" or self.config.onnx]
         todo = list(enumerate(runs))
-        while True:
+        while todo:
             # Phase 1: training (every rank under torchrun). Phase 2: everything else, rank 0 only. A run that
             # another process sharing this folder is computing is skipped in both, and tried again after.
-            held = []
+            held: list[tuple[int, Run]] = []
             for phase in (["train"], stages if rank == 0 else []):
                 for i, run in todo:
                     if (i, run) in held:
@@ -324,13 +324,10 @@ class Study:
                             self._stage(i, run, stage, weights[run][stage], getattr(self, f"_{stage}"))
             if rank != 0:
                 return {}
-            if not held:
-                break
-            free = [(i, run) for i, run in held if self._claimable(run)]
-            if not free:  # the others are still at work; the last process to finish writes the report
-                self.held = [run for _, run in held]
+            if held and not any(self._claimable(run) for _, run in held):
+                self.held = [run for _, run in held]  # still at work elsewhere: the last process to finish reports
                 return None
-            todo = free
+            todo = held  # some were let go meanwhile: another pass over all of them
         results = self.collect(runs)
         validate_results(results)
         atomic_write(self.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
