@@ -319,7 +319,7 @@ def test_online_takes_whichever_form_costs_fewer_macs():
     assert wide_out._project_first() is False and fc._project_first() is True
     for block in (fc, wide_out):
         with torch.no_grad():
-            w, _ = block.effective_weight_bias(torch.float64)
+            w, _ = block.composed_weight_bias(torch.float64)
             ref = torch.einsum("ob,ba,ai->oi", block.project.weight.double(), block.core.weight.double(),
                                block.expand.weight.double())
         assert compare_outputs(ref, w) <= 1e-12

@@ -261,8 +261,9 @@ class SNTBlock(nn.Module):
         self.config = config
 
     def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward through the composed kernel (styles that train online implement it; same outputs and gradients)."""
-        raise NotImplementedError(f"style '{self.style}' does not train online")
+        """Forward through the composed kernel: one layer (same outputs and gradients as the explicit form)."""
+        w, b = self.composed_weight_bias()
+        return self.config.apply(x, w, b)
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The single layer's kernel, composed from this block's parameters (differentiable).
@@ -271,6 +272,18 @@ class SNTBlock(nn.Module):
         convolves with, in ``dtype`` or the parameters' dtype.
         """
         raise NotImplementedError(f"style '{self.style}' does not train online")
+
+    def composed_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The single layer's kernel and bias, composed (differentiable).
+
+        The default pairs :meth:`composed_weight` with the block's own
+        ``bias`` parameter (None when it has none); a style whose bias is
+        composed too (``linear``) overrides this.
+        """
+        bias = getattr(self, "bias", None)
+        if bias is not None and dtype is not None:
+            bias = bias.to(dtype)
+        return self.composed_weight(dtype), bias
 
     @property
     def trains_online(self) -> bool:
@@ -285,8 +298,16 @@ class SNTBlock(nn.Module):
         return False
 
     def folded_weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias (float64) of the single equivalent layer, eval mode."""
-        raise NotImplementedError
+        """Weight and bias (float64) of the single equivalent layer, eval mode.
+
+        The default, for styles that train online, is the composed kernel and
+        bias in float64; a style that trains in explicit form computes it here.
+        """
+        if not self.trains_online:
+            raise NotImplementedError(f"style '{self.style}' trains in explicit form, so it must implement "
+                                      "folded_weight_bias (or train online and implement composed_weight)")
+        w, b = self.composed_weight_bias(torch.float64)
+        return w.detach(), None if b is None else b.detach()
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

@@ -109,14 +109,6 @@ class LinearizedBranchBlock(SNTBlock):
         w[(Ellipsis, *c.center)] += centre
         return w
 
-    def folded_weight_bias(self):
-        bias = None if self.bias is None else self.bias.detach().double()
-        return self.composed_weight(torch.float64).detach(), bias
-
-    def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
-        """One convolution (or matmul) with the composed kernel."""
-        return self.config.apply(x, self.composed_weight(), self.bias)
-
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one (the reference the composed form is tested against)."""
         c = self.config

@@ -117,8 +117,9 @@ class LinearExpansion(SNTBlock):
                 self.core.bias.zero_()
                 self.project.bias.copy_(layer.bias.detach())
 
-    def effective_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Compose the three layers into one weight (differentiable)."""
+    def composed_weight_bias(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Compose the three layers into one kernel and bias, ``bias = W3 b2 + b3`` (differentiable); what
+        ``online`` runs where it pays, and in float64 the fold."""
         c, g = self.config, self.config.groups
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
         w1 = cast(self.expand.weight)
@@ -144,8 +145,9 @@ class LinearExpansion(SNTBlock):
         return w, b
 
     def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The composed kernel alone (differentiable); see :meth:`effective_weight_bias`."""
-        return self.effective_weight_bias(dtype)[0]
+        """The composed kernel alone (differentiable); see :meth:`composed_weight_bias`."""
+        return self.composed_weight_bias(dtype)[0]
+
 
     @functools.cached_property
     def _compose_orders(self) -> tuple[int, int]:
@@ -191,13 +193,6 @@ class LinearExpansion(SNTBlock):
                                                                        + c.out_features * (b // c.groups))
         return min(self._compose_orders) + plain < chain
 
-    def folded_weight_bias(self):
-        return self.effective_weight_bias(torch.float64)
-
-    def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
-        """Compose the kernel and run one layer (what ``online`` does where it pays)."""
-        w, b = self.effective_weight_bias()
-        return self.config.apply(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config

@@ -92,13 +92,6 @@ class PowerPropagation(SNTBlock):
         v = self.v if dtype is None else self.v.to(dtype)
         return SignedPower.apply(v, self.alpha)
 
-    def folded_weight_bias(self):
-        bias = None if self.bias is None else self.bias.detach().double()
-        return self.composed_weight(torch.float64).detach(), bias
-
-    def forward_composed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.config.apply(x, self.composed_weight(), self.bias)
-
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer with ``W`` as an autograd expression (the reference ``SignedPower`` is tested against)."""
         return self.config.apply(x, self.v * self.v.abs().pow(self.alpha - 1.0), self.bias)
