@@ -148,7 +148,6 @@ class LinearExpansion(SNTBlock):
         """The composed kernel alone (differentiable); see :meth:`composed_weight_bias`."""
         return self.composed_weight_bias(dtype)[0]
 
-
     @functools.cached_property
     def _compose_orders(self) -> tuple[int, int]:
         """MACs of composing the kernel as (W3 W2) W1 and as W3 (W2 W1)."""
@@ -192,7 +191,6 @@ class LinearExpansion(SNTBlock):
         chain = rows_in * a * (c.in_features // c.groups) + rows_out * (b * (a // c.groups) * c.ktaps
                                                                        + c.out_features * (b // c.groups))
         return min(self._compose_orders) + plain < chain
-
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
