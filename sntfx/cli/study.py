@@ -130,7 +130,8 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
         return
     planned = (4 if config.onnx else 3) * len(runner.runs())
     if len(runner.executed) < planned:
-        console.print(f"resumed: {planned - len(runner.executed)} finished stage(s) kept from an earlier run")
+        console.print(f"{planned - len(runner.executed)} stage(s) were already stored (by an earlier run, or by "
+                      "another process sharing this folder) and were kept")
     print_study_summary(results)
     console.print(f"report: [bold]{out_dir / 'report.md'}[/]  (plots in {out_dir / 'plots'}, "
                   f"every number in {out_dir / 'results.json'})")
