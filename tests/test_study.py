@@ -361,6 +361,26 @@ def test_a_run_let_go_while_another_is_still_held_is_computed_and_no_report_is_w
     assert not (tmp_path / "results.json").exists()
 
 
+def test_joining_a_process_at_work_with_other_measurement_settings_is_refused(tmp_path):
+    """Two processes with different sweep settings would redo each other's sweeps forever: the second is refused
+    (naming the difference) while the first holds a run; once nothing is held, a changed setting is a rerun."""
+    from sntfx.errors import SntfxError
+    from sntfx.io import try_lock
+    from sntfx.study.runner import LOCK
+
+    first = StudyConfig(**TINY, methods=["adam"], seeds=[0], onnx=False)
+    (tmp_path / "study.json").write_text(json.dumps({"format": "sntfx-study", "config": first.to_dict()}))
+    busy = tmp_path / "runs/sntfx-cnn/adam/seed0"
+    busy.mkdir(parents=True)
+    other = StudyConfig(**{**TINY, "sparsities": [0.6]}, methods=["adam"], seeds=[0], onnx=False)
+    with try_lock(busy / LOCK):
+        with pytest.raises(SntfxError, match=r"another process .* other settings \(sparsities"):
+            Study(other, tmp_path).run()
+        more_seeds = StudyConfig(**TINY, methods=["adam"], seeds=[0, 1], onnx=False, device="cpu")
+        assert Study(more_seeds, tmp_path).run() is None  # same measurements: it shares, computing seed 1
+    assert not (busy / "train.json").exists() and (tmp_path / "runs/sntfx-cnn/adam/seed1/sweep.json").is_file()
+
+
 def test_the_command_says_which_runs_another_process_still_holds(tmp_path):
     from sntfx.io import try_lock
     from sntfx.study.runner import LOCK

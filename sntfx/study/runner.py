@@ -295,6 +295,8 @@ class Study:
     def _run(self, rank: int, world: int) -> dict[str, Any] | None:
         runs = self.runs()
         _ = self.data  # a missing dataset fails here, before anything is written
+        if rank == 0 and world == 1:
+            self._check_sharers(runs)
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "runs").mkdir(exist_ok=True)
@@ -333,6 +335,27 @@ class Study:
         atomic_write(self.out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
         write_report(results, self.out)
         return results
+
+    def _check_sharers(self, runs: list[Run]) -> None:
+        """Refuse to join processes at work on this folder with other measurement settings: each would redo the
+        other's stages over and over.
+
+        Training settings are checked per run already (``config.json``), and
+        models, methods and seeds may differ (processes share the runs they
+        have in common); the device and data-loader workers may differ too.
+        """
+        path = self.out / "study.json"
+        if not path.is_file():
+            return
+        keys = sorted({k for stage_keys in STAGE_KEYS.values() for k in stage_keys})
+        stored = json.loads(path.read_text()).get("config")
+        if not stored:
+            return
+        diff = _diff(_recorded({k: stored.get(k, ABSENT.get(k)) for k in keys}, keys),
+                     _recorded(self.config.to_dict(), keys))
+        if diff and any(r.path.is_dir() and not self._claimable(r) for r in runs):
+            raise SntfxError(f"another process is running the study in '{self.out}' with other settings ({diff}); "
+                             "start it with the same command to share the work, or use another --out folder")
 
     def _claim(self, run: Run, world: int):
         """Hold ``run``'s lock while computing its stages (yields whether this process holds it).
