@@ -363,7 +363,9 @@ def test_a_run_let_go_while_another_is_still_held_is_computed_and_no_report_is_w
 
 def test_joining_a_process_at_work_with_other_measurement_settings_is_refused(tmp_path):
     """Two processes with different sweep settings would redo each other's sweeps forever: the second is refused
-    (naming the difference) while the first holds a run; once nothing is held, a changed setting is a rerun."""
+    (naming the difference) while the first holds a run. One with the same measurements but more seeds and
+    another device joins, and computes only what the first does not hold. (With nothing held, a changed setting
+    is an ordinary rerun: test_changed_sweep_settings_redo_the_sweep_only.)"""
     from sntfx.errors import SntfxError
     from sntfx.io import try_lock
     from sntfx.study.runner import LOCK
