@@ -6,8 +6,11 @@
   two-layer MLP head (218k parameters at width 16); about 90% on Fashion-MNIST
   after 4 epochs of Adam, at ~5,000 training images/s on 2 CPU cores. The
   default model of ``sntfx study --preset quick``.
-* ``resnet20`` / ``resnet32`` / ``resnet56``: the CIFAR ResNets of He et al.
-  (3 stages of basic blocks, 16/32/64 channels, option-B 1x1 shortcuts).
+* ``resnet8`` / ``resnet20`` / ``resnet32`` / ``resnet56``: the CIFAR ResNets of
+  He et al. (3 stages of basic blocks, 16/32/64 channels, option-B 1x1
+  shortcuts). ``resnet8`` (one block per stage, 78k parameters) is the residual
+  network the Fashion-MNIST research confirms on: an epoch costs about 1.4x
+  smallvgg's on one CPU thread, against about 5x for ``resnet20``.
 * ``vgg11`` / ``vgg16``: CIFAR VGGs with BatchNorm, global pooling and one
   linear classifier.
 * ``mobilenetv2``: torchvision's MobileNetV2 with the CIFAR strides (stem and
@@ -190,6 +193,7 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "smallvgg": SmallVGG,
+    "resnet8": _resnet(8),
     "resnet20": _resnet(20),
     "resnet32": _resnet(32),
     "resnet56": _resnet(56),

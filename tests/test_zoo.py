@@ -88,7 +88,7 @@ def test_timm_family(name, style):
     _assert_ok(check_model(model, x, style, name=name))
 
 
-BUILTIN = ["cnn", "smallvgg", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "vit"]
+BUILTIN = ["cnn", "smallvgg", "resnet8", "resnet20", "resnet32", "resnet56", "vgg11", "vgg16", "mobilenetv2", "vit"]
 
 
 def test_builtin_list_is_complete():
