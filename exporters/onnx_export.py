@@ -19,6 +19,8 @@ model computes, and ``integer_ops`` reports which operators ONNX Runtime
 runs on integers. It is verified against the simulated model by top-1
 agreement (``quantized_min_top1``): float rounding in a different order can
 move a value across a rounding boundary of the next quantizer.
+``weight_type`` chooses the weights' container (int8, or uint8 where ONNX
+Runtime's int8 kernels would saturate; see :mod:`exporters.qdq`).
 
 Everything is written to a temporary file first and renamed at the end.
 """
@@ -69,6 +71,7 @@ class ExportReport:
     fallback_reason: str = ""
     quantized: bool = False  # exported in QDQ form from a model the quantize pass quantized
     integer_ops: dict[str, int] = field(default_factory=dict)  # operators ORT runs on integers (quantized only)
+    qdq_weights: dict[str, int] = field(default_factory=dict)  # quantized layers by weight container (int8 / uint8)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,6 +220,7 @@ def export_onnx(
     rtol: float = 1e-4,
     min_top1: float = 1.0,
     quantized_min_top1: float = 0.95,
+    weight_type: str = "auto",
 ) -> ExportReport:
     """Export ``model`` to ``path`` and verify it; see the module docstring.
 
@@ -239,7 +243,7 @@ def export_onnx(
 
     model = model.eval()
     quantized = is_quantized(model)
-    target = qdq_form(model).eval() if quantized else model
+    target = qdq_form(model, weight_type).eval() if quantized else model
     if quantized:
         rtol, min_top1 = float("inf"), quantized_min_top1
     start = time.perf_counter()
@@ -268,7 +272,8 @@ def export_onnx(
         _raise_if_disk_full(exc, path)
         raise
     return ExportReport(str(path), exporter, opset, dynamic_batch, external, simplified, size,
-                        time.perf_counter() - start, verification, fallback, quantized, int_ops)
+                        time.perf_counter() - start, verification, fallback, quantized, int_ops,
+                        dict(target.meta["sntfx"]["qdq_weights"]) if quantized else {})
 
 
 def _simplify(path: Path) -> bool:

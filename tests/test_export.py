@@ -150,8 +150,11 @@ def test_cli_quantize_w8a8_exports_qdq_and_ort_matches_the_simulated_accuracy(tm
     assert {"QuantizeLinear", "DequantizeLinear"} <= _qdq_ops(tmp_path / "q.onnx")
     import onnx
 
+    from sntfx.exporters.qdq import resolve_weight_type
+
     weights = [t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if len(t.dims) >= 2]
-    assert weights and all(t.data_type == onnx.TensorProto.INT8 for t in weights)  # the file holds int8 weights
+    expected = onnx.TensorProto.INT8 if resolve_weight_type("auto") == "int8" else onnx.TensorProto.UINT8
+    assert weights and all(t.data_type == expected for t in weights)  # the file holds 8-bit integer weights
     assert integer_ops(tmp_path / "q.onnx").get("QLinearConv", 0) >= 1
     simulated = sntfx.load(tmp_path / "q.pt")
     sim_acc, ort_acc = accuracy(simulated, data), onnx_accuracy(tmp_path / "q.onnx", data.test)
@@ -173,6 +176,47 @@ def test_low_bit_settings_deploy_the_simulated_grid(tmp_path, trained_digits, wb
     ops = _qdq_ops(tmp_path / "q.onnx")
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and ("Clip" in ops) == (abits < 8)
     assert abs(accuracy(q, data) - onnx_accuracy(tmp_path / "q.onnx", data.test)) <= 0.02
+
+
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_weight_containers_hold_the_same_grid(tmp_path, trained_digits, weight_type):
+    """int8 counts, or the same counts + 128 as uint8 with zero point 128: the same weights either way; grids of
+    6 bits or less stay int8 (they cannot saturate ONNX Runtime's uint8 x int8 kernels)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from sntfx.compress import apply_pass
+    from sntfx.exporters.qdq import qdq_form
+    from sntfx.passes import SimulatedQuantize
+
+    folded, data = trained_digits
+    xs = torch.stack([data.test[i][0] for i in range(256)])
+    for wbits, container in ((8, weight_type), (6, "int8")):
+        q = apply_pass(folded, SimulatedQuantize(wbits=wbits, abits=8), data).graph_module
+        with torch.no_grad():
+            assert torch.allclose(qdq_form(q, weight_type)(xs), q(xs), rtol=1e-5, atol=1e-5)
+        report = export_onnx(q, tmp_path / "q.onnx", xs[:1], dynamic_batch=True, verify_inputs=(xs,),
+                             weight_type=weight_type)
+        layers = len(q.meta["sntfx"]["quantized_weights"])
+        assert report.qdq_weights == {container: layers}
+        dtype = onnx.TensorProto.UINT8 if container == "uint8" else onnx.TensorProto.INT8
+        weights = [t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if len(t.dims) >= 2]
+        assert len(weights) == layers and all(t.data_type == dtype for t in weights)
+        counts = numpy_helper.to_array(weights[0]).astype(np.int64) - (128 if container == "uint8" else 0)
+        assert counts.min() >= -127 and counts.max() <= 127 and abs(counts).max() > 2 ** (wbits - 2)
+    if weight_type == "uint8":  # exact on every CPU (uint8 x uint8 kernels do not saturate)
+        assert report.verification["top1_agreement"] == 1.0 and report.verification["rel"] < 0.02
+
+
+def test_auto_weight_type_follows_the_cpu(monkeypatch):
+    from sntfx.exporters import qdq
+
+    for saturates, expected in ((True, "uint8"), (False, "int8")):
+        monkeypatch.setattr(qdq, "int8_kernels_may_saturate", lambda s=saturates: s)
+        assert qdq.resolve_weight_type("auto") == expected
+        assert qdq.resolve_weight_type("int8") == "int8" and qdq.resolve_weight_type("uint8") == "uint8"
+    with pytest.raises(sntfx.SntfxError, match="weight type must be one of auto, int8, uint8"):
+        qdq.resolve_weight_type("int4")
 
 
 def test_a_quantized_model_changed_afterwards_is_not_exported(tmp_path, trained_digits):

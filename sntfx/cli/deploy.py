@@ -36,11 +36,15 @@ from .options import TEXT, FiniteFloat, alias, exclude_option, merge_alias, only
 @exclude_option("With --int8: leave layers whose module name matches GLOB in float")
 @click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
               help="Top-1 agreement with the simulated W8A8 model the int8 file must reach on the verification data.")
+@click.option("--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,
+              help="Quantized weights in the file: int8, or uint8 (zero point 128) for 7- and 8-bit grids, which ONNX "
+                   "Runtime's int8 kernels would saturate on x86 CPUs without VNNI; auto: uint8 on such a CPU.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @trust_options
 def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allow_expanded, simplify, data_name, data_dir, int8,
-           calib_batches, calib_method, exclude, min_agreement, verify_samples, report_path, source_file, trust_source):
+           calib_batches, calib_method, exclude, min_agreement, weight_type, verify_samples, report_path, source_file,
+           trust_source):
     """Export MODEL to ONNX, verified against torch on ONNX Runtime (optionally also int8)."""
     import torch
 
@@ -104,7 +108,8 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
         verify = (torch.randn(verify_samples, *example[0].shape[1:], generator=gen),)
     with console.status("exporting to ONNX ..."):
         report = export_onnx(gm, out, example, opset=opset, dynamic_batch=dynamic_batch,
-                             allow_expanded=allow_expanded, simplify=simplify, verify_inputs=verify)
+                             allow_expanded=allow_expanded, simplify=simplify, verify_inputs=verify,
+                             weight_type=weight_type)
     v = report.verification
     simplified = ("" if not simplify else ", simplified" if report.simplified
                   else ", --simplify found nothing to simplify (the graph is unchanged)")
@@ -113,8 +118,8 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
                   f"{v['samples']} {'real' if data else 'random'} inputs: max abs {v['max_abs']:.2e}, rel {v['rel']:.2e}"
                   + (f", top-1 agreement {v['top1_agreement']:.2%}" if "top1_agreement" in v else ""), highlight=False)
     if report.quantized:
-        console.print(f"quantized model exported in QDQ form; ONNX Runtime runs {_integer_summary(report.integer_ops)}",
-                      highlight=False)
+        console.print(f"quantized model exported in QDQ form ({_weights_summary(report.qdq_weights)}); ONNX Runtime "
+                      f"runs {_integer_summary(report.integer_ops)}", highlight=False)
     if report.fallback_reason:
         console.print(f"[yellow]torch.export-based export failed ({report.fallback_reason}); used the TorchScript exporter[/]")
     payload = {"float": report.to_dict()}
@@ -122,17 +127,22 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
         with console.status("quantizing W8A8 and exporting QDQ ..."):
             int8_info = export_int8(gm, int8_path, data, verify, example_inputs=example, calib_batches=calib_batches,
                                     calib_method=calib_method, min_top1=min_agreement, dynamic_batch=dynamic_batch,
-                                    exclude=exclude)
+                                    exclude=exclude, weight_type=weight_type)
         int8_info.pop("model")
         check = int8_info["verification"]
         console.print(f"int8 model {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB): top-1 agreement with the "
-                      f"simulated W8A8 model {check['top1_agreement']:.2%} on {check['samples']} inputs; ONNX Runtime "
-                      f"runs {_integer_summary(int8_info['integer_ops'])}", highlight=False)
+                      f"simulated W8A8 model {check['top1_agreement']:.2%} on {check['samples']} inputs "
+                      f"({_weights_summary(int8_info['qdq_weights'])}); ONNX Runtime runs "
+                      f"{_integer_summary(int8_info['integer_ops'])}", highlight=False)
         payload["int8"] = {"path": str(int8_path), **int8_info}
     report_json(**payload)
     if report_out:
         atomic_write(report_out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     console.print(f"wrote [bold]{out}[/]")
+
+
+def _weights_summary(containers: dict[str, int]) -> str:
+    return "weights " + ", ".join(f"{kind} in {n} layer{'s' * (n != 1)}" for kind, n in sorted(containers.items()))
 
 
 def _integer_summary(ops: dict[str, int]) -> str:
