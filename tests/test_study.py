@@ -176,6 +176,66 @@ def test_validation_split_is_chosen_on_and_the_test_split_read_only_when_asked(t
         StudyConfig(**TINY, evaluate_on="val")
 
 
+def _weightless(folder: Path) -> None:
+    """What a results folder kept without its weights holds: the stage results, no model or checkpoint."""
+    for path in folder.rglob("*"):
+        if path.name == "model.pt" or path.name.startswith("train.") and path.name != "train.json":
+            path.unlink()
+
+
+def test_sealed_test_split_is_measured_apart_and_read_later_without_the_weights(tmp_path):
+    """seal_test: a validation study also measures the test split into files its report does not read; the
+    same folder, kept without its weights, then reports the test split by collecting them, computing nothing."""
+    common = dict(**{**TINY, "eval_images": None}, methods=["adam", "snt-linear"], seeds=[0], onnx=False,
+                  val_images=100)
+    study = Study(StudyConfig(**common, evaluate_on="val", seal_test=True), tmp_path)
+    val = study.run()
+    assert sorted(study.executed) == sorted((label, stage) for label in ("sntfx:cnn adam seed 0",
+                                                                         "sntfx:cnn snt-linear seed 0")
+                                            for stage in ("train", "evaluate", "evaluate", "sweep", "sweep"))
+    run_dir = tmp_path / "runs/sntfx-cnn/adam/seed0"
+    sealed = json.loads((run_dir / "evaluate.json").read_text())
+    assert sealed["split"] == "test" and sealed["test_images"] == 256
+    assert json.loads((run_dir / "evaluate.val.json").read_text())["split"] == "val"
+    assert all(r["evaluate"]["split"] == "val" and r["sweep"]["split"] == "val" for r in val["runs"])
+    assert all(r["evaluate"]["test_images"] == 100 for r in val["runs"])  # the validation images, not the test's
+
+    _weightless(tmp_path)
+    final = Study(StudyConfig(**common, evaluate_on="test"), tmp_path)
+    test = final.run()
+    assert final.executed == []
+    assert test["runs"][0]["evaluate"]["float_accuracy"] == sealed["float_accuracy"]
+    assert all(r["evaluate"]["split"] == "test" for r in test["runs"])
+    again = Study(StudyConfig(**common, evaluate_on="val", seal_test=True), tmp_path)  # back to validation
+    assert again.run()["runs"][0]["evaluate"] == val["runs"][0]["evaluate"] and again.executed == []
+    with pytest.raises(SntfxError, match="evaluate_on = val"):
+        StudyConfig(**common, seal_test=True)
+
+
+def test_a_run_kept_without_weights_trains_again_only_if_it_was_not_measured(tmp_path):
+    config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False)
+    Study(config, tmp_path).run()
+    _weightless(tmp_path)
+    (tmp_path / "runs/sntfx-cnn/snt-linear/seed0/sweep.json").unlink()  # one measurement missing
+    second = Study(config, tmp_path)
+    second.run()
+    assert second.executed == [("sntfx:cnn snt-linear seed 0", "train"), ("sntfx:cnn snt-linear seed 0", "sweep")]
+
+
+def test_validation_results_of_older_studies_move_beside_the_test_ones(tmp_path):
+    """Before seal_test, a validation study kept its measurements in STAGE.json; they move to STAGE.val.json
+    and are not measured again."""
+    config = StudyConfig(**TINY, methods=["adam"], seeds=[0], onnx=False, val_images=100, evaluate_on="val")
+    Study(config, tmp_path).run()
+    run_dir = tmp_path / "runs/sntfx-cnn/adam/seed0"
+    for stage in ("evaluate", "sweep"):
+        (run_dir / f"{stage}.val.json").rename(run_dir / f"{stage}.json")  # the older layout
+    study = Study(config, tmp_path)
+    study.run()
+    assert study.executed == []
+    assert not (run_dir / "evaluate.json").exists() and (run_dir / "evaluate.val.json").exists()
+
+
 # -- the runs -----------------------------------------------------------------------
 
 

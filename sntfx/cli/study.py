@@ -47,6 +47,9 @@ from .options import BUDGET, NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 @click.option("--evaluate-on", type=click.Choice(["val", "test"]), default=None,
               help="Measure every accuracy after training on the validation split (for choices) or on the test split "
                    "(once, for the chosen configurations) [test]. Switching keeps the trained runs.")
+@click.option("--seal-test/--no-seal-test", default=None,
+              help="With --evaluate-on val: also measure the test split, into files the report does not read; "
+                   "--evaluate-on test on the same folder then reads them without the trained weights.")
 @exclude_option("Layers whose module name matches GLOB stay dense and in float in every compression setting")
 @click.option("--onnx/--no-onnx", default=None, help="Export, verify and benchmark on ONNX Runtime (default on).")
 @click.option("--provider", type=click.Choice(["auto", "tensorrt", "cuda", "cpu"]), default=None)
@@ -61,8 +64,8 @@ from .options import BUDGET, NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
-          ratio, budget, memory_budget, limit_batches, eval_images, val_images, evaluate_on, exclude, onnx, provider,
-          device, num_workers, config_file, out, report_only, trust_source):
+          ratio, budget, memory_budget, limit_batches, eval_images, val_images, evaluate_on, seal_test, exclude, onnx,
+          provider, device, num_workers, config_file, out, report_only, trust_source):
     """Adam vs SAM vs SNT: train, fold, sweep pruning and quantization, export to ONNX, benchmark; one report.
 
     Resumable: run the same command again and finished stages are kept. Parallel: start the same command more
@@ -98,7 +101,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
              "ratio": ratio, "budget": "none" if budget is None and given("budget") else budget,
              "memory_budget": "none" if memory_budget is None and given("memory_budget") else memory_budget,
              "limit_batches": limit_batches, "eval_images": eval_images, "val_images": val_images,
-             "evaluate_on": evaluate_on, "exclude": list(exclude) or None, "onnx": onnx,
+             "evaluate_on": evaluate_on, "seal_test": seal_test, "exclude": list(exclude) or None, "onnx": onnx,
              "provider": provider, "device": device, "num_workers": num_workers}
     overrides |= {k: v for k, v in from_cli.items() if v is not None}  # the command line wins over the file
     config = preset_config(preset, overrides)

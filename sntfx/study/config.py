@@ -142,6 +142,9 @@ class StudyConfig:
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics after activation-aware pruning
     val_images: int = 0  # training images held out as a validation split (stratified, the same for every run)
     evaluate_on: str = "test"  # val | test: the split every accuracy after training is measured on
+    # with evaluate_on = val: also measure every run on the test split, into files the report does not read (sealed
+    # until the same folder is run with evaluate_on = test, which then only collects them)
+    seal_test: bool = False
     exclude: list[str] = field(default_factory=list)  # glob patterns over module names: left dense and in float
     sharpness_batches: int = 4
     sharpness_batch_size: int = 128
@@ -181,6 +184,9 @@ class StudyConfig:
             raise SntfxError(f"evaluate_on must be val or test, not '{self.evaluate_on}'")
         if self.evaluate_on == "val" and not self.val_images:
             raise SntfxError("evaluate_on = val needs a validation split: set val_images (e.g. --val-images 10000)")
+        if self.seal_test and self.evaluate_on != "val":
+            raise SntfxError("seal_test measures the test split besides the validation split: it needs "
+                             "evaluate_on = val (the test split is then read by running evaluate_on = test)")
         for name, value, low_open in (("lr", self.lr, True), ("weight_decay", self.weight_decay, False),
                                       ("rho", self.rho, True)):
             if value is None and name == "lr":

@@ -22,11 +22,18 @@ For every model, method and seed the study
 With ``val_images`` the training split loses that many images to a
 validation split, training reports its curve on it, and ``evaluate_on``
 says which split steps 3-5 measure: ``val`` for every choice, ``test`` once
-for the chosen configurations (switching keeps the trained runs).
+for the chosen configurations (switching keeps the trained runs). With
+``seal_test`` a validation study also measures the test split, into files
+its report never reads (``STAGE.json``, beside ``STAGE.val.json``); running
+the same folder with ``evaluate_on = "test"`` then only collects them, so
+the test split is read once even where trained weights do not outlive the
+machine that made them.
 
 Every stage of every run writes its result as JSON under
 ``OUT/runs/MODEL/METHOD/seedN/`` (training keeps a checkpoint as it goes), so
-an interrupted study continues where it stopped. Processes started with the
+an interrupted study continues where it stopped; a run whose measurements
+are all stored is complete without its weights (``model.pt``), so a results
+folder can be kept without them. Processes started with the
 same command on the same folder share it run by run (a lock file per run;
 the last to finish writes the report). Under ``torchrun`` every
 rank trains each run (DistributedDataParallel) and rank 0 alone does the
@@ -51,7 +58,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -152,6 +159,7 @@ class Study:
         self._data = None
         self._stop_after = stop_after
         self.held: list[Run] = []  # after run(): the runs other processes were still computing (no report yet)
+        self._split: str | None = None  # the split the measurement stages read now (seal_test: test, after val)
 
     # -- plan ------------------------------------------------------------------------
     def runs(self) -> list[Run]:
@@ -165,9 +173,34 @@ class Study:
         return {"model": run.model, "method": run.method.to_dict(), "seed": run.seed,
                 "study": _recorded(c, TRAIN_KEYS)}
 
-    def stage_settings(self, stage: str) -> dict[str, Any]:
+    @property
+    def splits(self) -> list[str]:
+        """The splits the measurement stages run on: ``evaluate_on``, and the sealed test split with ``seal_test``."""
+        return [self.config.evaluate_on] + (["test"] if self.config.seal_test else [])
+
+    @property
+    def split(self) -> str:
+        """The split the measurement stages read now."""
+        return self._split or self.config.evaluate_on
+
+    @contextmanager
+    def _measuring(self, split: str):
+        previous, self._split = self._split, split
+        try:
+            yield
+        finally:
+            self._split = previous
+
+    def result_path(self, run: Run, stage: str, split: str | None = None) -> Path:
+        """Where a stage's result is stored: ``train.json``; a measurement's as ``STAGE.json`` for the test split
+        and ``STAGE.val.json`` for the validation split, so that both can sit in one run's folder."""
+        split = split or self.split
+        return run.path / (f"{stage}.json" if stage == "train" or split == "test" else f"{stage}.{split}.json")
+
+    def stage_settings(self, stage: str, split: str | None = None) -> dict[str, Any]:
         """The settings a stage's result depends on beyond training; a change redoes that stage only."""
         c = self.config.to_dict()
+        c["evaluate_on"] = split or self.split
         settings = _recorded(c, STAGE_KEYS.get(stage, ()))
         if stage in STAGE_VERSION:
             settings["stage_version"] = STAGE_VERSION[stage]
@@ -201,11 +234,12 @@ class Study:
 
     @property
     def eval_data(self):
-        """The data every measurement after training reads: its ``test`` is the ``evaluate_on`` split."""
+        """The data the measurement stages read: its ``test`` is the split they measure (``evaluate_on``, or the
+        sealed test split)."""
         from ..data import Data
 
         d = self.data
-        return Data(d.train, d.split(self.config.evaluate_on), d.info, d.source, d.extra, val=d.val)
+        return Data(d.train, d.split(self.split), d.info, d.source, d.extra, val=d.val)
 
     @property
     def curve_data(self):
@@ -220,10 +254,23 @@ class Study:
         n = len(self.data.train) // self.config.batch_size
         return max(1, min(n, self.config.limit_batches or n))
 
-    def _done(self, run: Run, stage: str) -> bool:
-        """Whether ``stage`` of ``run`` has a stored result with the current settings (resume keeps it)."""
-        path = run.path / f"{stage}.json"
-        return path.exists() and json.loads(path.read_text()).get("settings", {}) == self.stage_settings(stage)
+    def _done(self, run: Run, stage: str, split: str | None = None) -> bool:
+        """Whether ``stage`` of ``run`` has a stored result with the current settings (resume keeps it).
+
+        Training counts as done only while its model is there for what is left to measure: a folder whose
+        trained weights were not kept (a results folder committed without them) keeps its finished runs, and
+        trains again the runs it has not measured yet.
+        """
+        path = self.result_path(run, stage, split)
+        if not (path.exists() and json.loads(path.read_text()).get("settings", {}) == self.stage_settings(stage, split)):
+            return False
+        if stage != "train" or (run.path / "model.pt").exists():
+            return True
+        return all(self._done(run, st, sp) for st in self.measurement_stages for sp in self.splits)
+
+    @property
+    def measurement_stages(self) -> list[str]:
+        return [st for st in STAGES[1:] if st != "onnx" or self.config.onnx]
 
     def measure_step_costs(self, runs: list[Run]) -> dict[tuple[str, str], float]:
         """Each method's training-step time relative to Adam's, measured on every model that still trains.
@@ -262,11 +309,12 @@ class Study:
         n_eval = min(n_split, c.eval_images or n_split)
         eval_steps = n_eval / c.batch_size / 3  # a forward pass is about a third of a training step
         cost = (measured or {}).get((run.model, run.method.name), run.method.step_cost)
+        splits = len(self.splits)
         return {"train": steps * cost,
-                "evaluate": eval_steps + c.sharpness_batches * (2 * c.sharpness_iters + 2 * c.trace_samples
-                                                               + c.landscape_steps / 3),
-                "sweep": c.sweep_settings * eval_steps * 1.5,
-                "onnx": (2 * eval_steps + 20) if c.onnx else 0.0}
+                "evaluate": splits * (eval_steps + c.sharpness_batches * (2 * c.sharpness_iters + 2 * c.trace_samples
+                                                                         + c.landscape_steps / 3)),
+                "sweep": splits * c.sweep_settings * eval_steps * 1.5,
+                "onnx": splits * (2 * eval_steps + 20) if c.onnx else 0.0}
 
     # -- run -------------------------------------------------------------------------
     def check(self) -> None:
@@ -307,7 +355,7 @@ class Study:
         measured = self.measure_step_costs(runs) if rank == 0 else {}
         weights = {run: self._weights(run, measured) for run in runs}
         self.progress.begin(sum(sum(w.values()) for w in weights.values()), len(runs))
-        stages = [st for st in STAGES[1:] if st != "onnx" or self.config.onnx]
+        stages = self.measurement_stages
         todo = list(enumerate(runs))
         while todo:
             # Phase 1: training (every rank under torchrun). Phase 2: everything else, rank 0 only. A run that
@@ -323,7 +371,10 @@ class Study:
                             held.append((i, run))
                             continue
                         for stage in phase:
-                            self._stage(i, run, stage, weights[run][stage], getattr(self, f"_{stage}"))
+                            for split in ["train"] if stage == "train" else self.splits:
+                                with self._measuring(split):
+                                    self._stage(i, run, stage, weights[run][stage] / len(self.splits) if
+                                                stage != "train" else weights[run][stage], getattr(self, f"_{stage}"))
             if rank != 0:
                 return {}
             if held and not any(self._claimable(run) for _, run in held):
@@ -385,8 +436,11 @@ class Study:
             atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(expected, indent=1, sort_keys=True)))
 
     def _stage(self, index: int, run: Run, stage: str, weight: float, fn: Callable[[Run, Callable], dict]) -> None:
-        path = run.path / f"{stage}.json"
-        self.progress.stage(index, run.label, stage)
+        if stage != "train":
+            self._migrate(run, stage)
+        path = self.result_path(run, stage)
+        self.progress.stage(index, run.label, stage if stage == "train" or self.split == self.config.evaluate_on
+                            else f"{stage} (sealed {self.split})")
         settings = self.stage_settings(stage)
         if self._done(run, stage):
             self.progress.advance(weight)
@@ -412,6 +466,19 @@ class Study:
         self.progress.advance(weight - done)
         if self._stop_after is not None and self._stop_after(run, stage):
             raise KeyboardInterrupt(f"stopped after {stage} of {run.label}")
+
+    def _migrate(self, run: Run, stage: str) -> None:
+        """Move a validation result that an older sntfx stored as ``STAGE.json`` to ``STAGE.val.json``."""
+        old, new = run.path / f"{stage}.json", self.result_path(run, stage, "val")
+        try:
+            recorded = json.loads(old.read_text()).get("settings", {})
+        except FileNotFoundError:
+            return
+        if recorded.get("evaluate_on") == "val" and not new.exists():
+            try:
+                os.replace(old, new)
+            except FileNotFoundError:  # another process sharing the folder moved it first
+                pass
 
     # -- stages ----------------------------------------------------------------------
     def _build(self, run: Run):
@@ -509,7 +576,7 @@ class Study:
         tick(0.8)
         curve = landscape(gm, batch_loss_fn(gm, batches[:2]), steps=c.landscape_steps, span=1.0, seed=0)
         gm.to("cpu")
-        return {"float_accuracy": acc, "test_images": len(self.eval_data.test), "split": c.evaluate_on,
+        return {"float_accuracy": acc, "test_images": len(self.eval_data.test), "split": self.split,
                 "sharpness": sharp, "landscape": curve, "weights": weight_statistics(gm)}
 
     def _sweep(self, run: Run, tick) -> dict:
@@ -525,7 +592,7 @@ class Study:
                        device=self.eval_device, num_workers=c.num_workers,
                        progress=lambda label: tick(1.0 / n))
         result["test_images"] = min(len(self.eval_data.test), 256 * (self._eval_batches() or 10**9))
-        result["split"] = c.evaluate_on
+        result["split"] = self.split
         return result
 
     def _onnx(self, run: Run, tick) -> dict:
@@ -592,7 +659,7 @@ class Study:
             rec: dict[str, Any] = {"model": run.model, "method": run.method.name, "seed": run.seed,
                                    "path": str(run.path.relative_to(self.out))}
             for stage in STAGES:
-                p = run.path / f"{stage}.json"
+                p = self.result_path(run, stage, self.config.evaluate_on)
                 if p.exists():
                     rec[stage] = json.loads(p.read_text())
             records.append(rec)
