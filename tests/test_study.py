@@ -637,9 +637,12 @@ def test_the_time_left_estimate_uses_step_costs_measured_on_the_studied_model(tm
     steps = study._steps_per_epoch() * config.epochs
     assert study._weights(sam, costs)["train"] == pytest.approx(steps * costs[("sntfx:cnn", "sam")])
     assert study._weights(sam)["train"] == pytest.approx(steps * 2.0)  # no measurement: the declared figure
-    for run in runs:  # stored training: nothing left to measure
+    for run in runs:  # stored training without its weights (and unmeasured): it trains again
         run.path.mkdir(parents=True, exist_ok=True)
         (run.path / "train.json").write_text(json.dumps({"settings": study.stage_settings("train")}))
+    assert set(study.measure_step_costs(runs)) == set(costs)
+    for run in runs:  # stored training with its weights: nothing left to measure
+        (run.path / "model.pt").write_bytes(b"")
     assert study.measure_step_costs(runs) == {}
 
 

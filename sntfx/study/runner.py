@@ -184,7 +184,7 @@ class Study:
         return self._split or self.config.evaluate_on
 
     @contextmanager
-    def _measuring(self, split: str):
+    def _measuring(self, split: str | None):
         previous, self._split = self._split, split
         try:
             yield
@@ -371,10 +371,11 @@ class Study:
                             held.append((i, run))
                             continue
                         for stage in phase:
-                            for split in ["train"] if stage == "train" else self.splits:
+                            splits = [None] if stage == "train" else self.splits  # measurements: once per split
+                            for split in splits:
                                 with self._measuring(split):
-                                    self._stage(i, run, stage, weights[run][stage] / len(self.splits) if
-                                                stage != "train" else weights[run][stage], getattr(self, f"_{stage}"))
+                                    self._stage(i, run, stage, weights[run][stage] / len(splits),
+                                                getattr(self, f"_{stage}"))
             if rank != 0:
                 return {}
             if held and not any(self._claimable(run) for _, run in held):
