@@ -347,14 +347,17 @@ def test_interrupted_study_resumes_without_redoing_finished_work(tmp_path):
                   and stage == "train")
     with pytest.raises(KeyboardInterrupt):
         first.run()
-    assert first.executed == [("sntfx:cnn adam seed 0", "train"), ("sntfx:cnn snt-linear seed 0", "train")]
+    # each run is measured as soon as it is trained
+    assert first.executed == [("sntfx:cnn adam seed 0", "train"), ("sntfx:cnn adam seed 0", "evaluate"),
+                              ("sntfx:cnn adam seed 0", "sweep"), ("sntfx:cnn snt-linear seed 0", "train")]
     adam_dir = tmp_path / "a/runs/sntfx-cnn/adam/seed0"
     stamp = (adam_dir / "train.json").stat().st_mtime_ns, (adam_dir / "model.pt").stat().st_mtime_ns
     second = Study(config, tmp_path / "a")
     second.run()
     assert ("sntfx:cnn adam seed 0", "train") not in second.executed
     assert ("sntfx:cnn snt-linear seed 0", "train") not in second.executed
-    assert ("sntfx:cnn adam seed 0", "evaluate") in second.executed
+    assert ("sntfx:cnn snt-linear seed 0", "evaluate") in second.executed
+    assert ("sntfx:cnn adam seed 0", "evaluate") not in second.executed
     assert ((adam_dir / "train.json").stat().st_mtime_ns, (adam_dir / "model.pt").stat().st_mtime_ns) == stamp
     third = Study(config, tmp_path / "a")
     third.run()

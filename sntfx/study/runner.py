@@ -358,10 +358,13 @@ class Study:
         stages = self.measurement_stages
         todo = list(enumerate(runs))
         while todo:
-            # Phase 1: training (every rank under torchrun). Phase 2: everything else, rank 0 only. A run that
-            # another process sharing this folder is computing is skipped in both, and tried again after.
+            # One process measures each run as soon as it is trained, so a run is complete (and can be kept
+            # without its weights) before the next one starts. Under torchrun every rank trains each run
+            # (phase 1) and rank 0 alone measures them after (phase 2). A run that another process sharing this
+            # folder is computing is skipped, and tried again after.
             held: list[tuple[int, Run]] = []
-            for phase in (["train"], stages if rank == 0 else []):
+            phases = [["train", *stages]] if world == 1 else [["train"], stages if rank == 0 else []]
+            for phase in phases:
                 for i, run in todo:
                     if (i, run) in held:
                         continue
