@@ -449,7 +449,10 @@ class Study:
         if self._done(run, stage):
             self.progress.advance(weight)
             return
-        if path.exists():
+        if stage == "train" and path.exists() and not (run.path / "model.pt").exists():
+            log.info("%s: its trained weights are not here and some measurements are missing; training it again",
+                     run.label)
+        elif path.exists():
             log.info("%s: %s settings changed since it ran; redoing that stage", run.label, stage)
         done = 0.0
 
