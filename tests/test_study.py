@@ -623,6 +623,7 @@ def test_every_quantization_setting_is_deployed_and_agrees_with_the_simulation(t
         if w8a8:  # identical grids, the same images: the same accuracy up to a rounding flip or two
             assert abs(w8a8["onnxruntime"] - w8a8["simulated"]) <= 2 / w8a8["images"] + 1e-9
         assert run["onnx"]["int8"]["integer_ops"].get("total", 0) > 0
+        assert sum(run["onnx"]["int8"]["qdq_weights"].values()) >= 1  # which weight container was shipped
     assert "Simulated vs deployed quantization" in (out / "report.md").read_text()
 
 

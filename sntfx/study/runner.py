@@ -632,7 +632,8 @@ class Study:
                     out["int8"] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             if (wb, ab) == (8, 8):
-                out["int8"] = {"verification": info["verification"], "integer_ops": info["integer_ops"]}
+                out["int8"] = {"verification": info["verification"], "integer_ops": info["integer_ops"],
+                               "qdq_weights": info["qdq_weights"]}
             if (wb, ab) in settings:
                 n = len(data.test) if c.eval_images is None else min(c.eval_images, len(data.test))
                 subset = Subset(data.test, range(n))
@@ -640,7 +641,7 @@ class Study:
                     "simulated": evaluate(info["model"].to(self.eval_device), DataLoader(subset, batch_size=256),
                                           self.eval_device)["accuracy"],
                     "onnxruntime": onnx_accuracy(path, subset, provider=provider), "images": n,
-                    "integer_ops": info["integer_ops"]}
+                    "integer_ops": info["integer_ops"], "qdq_weights": info["qdq_weights"]}
                 if path != int8:
                     path.unlink()
         tick(0.3)
