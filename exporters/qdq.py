@@ -31,13 +31,14 @@ graph ONNX Runtime actually executes.
 (``255 * 127 * 2 > 32767``): the file then computes something other than the
 model that was measured (on a small CNN, W8A8: 14% relative error and 8% of
 top-1 predictions changed; with uint8 weights 0.2% and none). ``"uint8"``
-stores the weights of every layer on a grid of 7 bits or more as uint8 with
+stores the weights of every layer on an 8-bit grid as uint8 with
 zero point 128, which ONNX Runtime runs on its uint8 x uint8 kernels (no
 saturation; about 1.4x slower than uint8 x int8 on such a CPU); ``"int8"``
 keeps int8 weights (exact on ARM, on x86 with VNNI and on GPUs, and what
 TensorRT requires); ``"auto"`` (the default) chooses ``"uint8"`` on an x86
-CPU without VNNI and ``"int8"`` elsewhere. Grids of 6 bits or less
-(``|k| <= 31``) cannot saturate and stay int8 either way.
+CPU without VNNI and ``"int8"`` elsewhere. Grids of 7 bits or less
+(``|k| <= 63``, ``2 * 255 * 63 <= 32767``: ONNX Runtime's own ``reduce_range``)
+cannot saturate and stay int8 either way.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "
 
 WEIGHT_TYPES = ("auto", "int8", "uint8")
 #: Weight grids that can saturate ONNX Runtime's uint8 x int8 kernels without VNNI (``2 * 255 * |k| > 32767``).
-SATURATING_BITS = 7
+SATURATING_BITS = 8
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,8 +163,8 @@ class _QDQActivation(nn.Module):
 def qdq_form(gm: fx.GraphModule, weight_type: str = "auto") -> fx.GraphModule:
     """A copy of the quantized ``gm`` that exports to QDQ ONNX and computes the same function.
 
-    ``weight_type`` (:data:`WEIGHT_TYPES`) says how weights on grids of 7 bits
-    or more are stored (see the module docstring); the copy's ``meta["sntfx"]
+    ``weight_type`` (:data:`WEIGHT_TYPES`) says how weights on 8-bit grids
+    are stored (see the module docstring); the copy's ``meta["sntfx"]
     ["qdq_weights"]`` counts the layers stored each way.
 
     BatchNorms after quantized layers are folded into them first (exact; a

@@ -37,7 +37,7 @@ from .options import TEXT, FiniteFloat, alias, exclude_option, merge_alias, only
 @click.option("--min-agreement", type=FiniteFloat(0, 1), default=0.98, show_default=True,
               help="Top-1 agreement with the simulated W8A8 model the int8 file must reach on the verification data.")
 @click.option("--weight-type", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,
-              help="Quantized weights in the file: int8, or uint8 (zero point 128) for 7- and 8-bit grids, which ONNX "
+              help="Quantized weights in the file: int8, or uint8 (zero point 128) for 8-bit grids, which ONNX "
                    "Runtime's int8 kernels would saturate on x86 CPUs without VNNI; auto: uint8 on such a CPU.")
 @click.option("--verify-samples", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--report", "report_path", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON.")
