@@ -630,7 +630,7 @@ def test_every_quantization_setting_is_deployed_and_agrees_with_the_simulation(t
 def test_the_time_left_estimate_uses_step_costs_measured_on_the_studied_model(tmp_path):
     """Before training, each method's step is timed against Adam's on the study's own model, batch and device; the
     progress weights use those ratios (SAM's two passes cost clearly more than one), and nothing is re-measured
-    for runs whose training is stored."""
+    for runs whose training is stored with its weights."""
     config = StudyConfig(**{**TINY, "methods": ["adam", "sam", "snt-linear"], "seeds": [0], "epochs": 1})
     study = Study(config, tmp_path / "s")
     runs = study.runs()

@@ -262,7 +262,7 @@ class Study:
         trains again the runs it has not measured yet.
         """
         path = self.result_path(run, stage, split)
-        if not (path.exists() and json.loads(path.read_text()).get("settings", {}) == self.stage_settings(stage, split)):
+        if not path.exists() or json.loads(path.read_text()).get("settings", {}) != self.stage_settings(stage, split):
             return False
         if stage != "train" or (run.path / "model.pt").exists():
             return True
@@ -435,13 +435,14 @@ class Study:
                 raise SntfxError(
                     f"'{run.path}' holds results of a run with different settings ({diff}); use another --out "
                     "folder, or delete that run's folder to redo it")
+            if create:
+                for stage in self.measurement_stages:
+                    self._migrate(run, stage)
         elif create:
             run.path.mkdir(parents=True, exist_ok=True)
             atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(expected, indent=1, sort_keys=True)))
 
     def _stage(self, index: int, run: Run, stage: str, weight: float, fn: Callable[[Run, Callable], dict]) -> None:
-        if stage != "train":
-            self._migrate(run, stage)
         path = self.result_path(run, stage)
         self.progress.stage(index, run.label, stage if stage == "train" or self.split == self.config.evaluate_on
                             else f"{stage} (sealed {self.split})")
@@ -475,7 +476,8 @@ class Study:
             raise KeyboardInterrupt(f"stopped after {stage} of {run.label}")
 
     def _migrate(self, run: Run, stage: str) -> None:
-        """Move a validation result that an older sntfx stored as ``STAGE.json`` to ``STAGE.val.json``."""
+        """Move a validation result that an older sntfx stored as ``STAGE.json`` to ``STAGE.val.json`` (once per
+        run, when a process starts on the folder)."""
         old, new = run.path / f"{stage}.json", self.result_path(run, stage, "val")
         try:
             recorded = json.loads(old.read_text()).get("settings", {})
