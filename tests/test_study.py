@@ -365,6 +365,20 @@ def test_interrupted_study_resumes_without_redoing_finished_work(tmp_path):
     assert (tmp_path / "a/results.json").is_file()
 
 
+def test_a_study_stopped_part_way_holds_complete_pairs_over_the_seeds_it_reached(tmp_path):
+    """Runs are computed seed by seed, every method of a seed before the next seed; the results keep the
+    method-major order."""
+    config = StudyConfig(**{**TINY, "epochs": 1, "limit_batches": 1}, methods=["adam", "snt-linear"], seeds=[0, 1],
+                         onnx=False)
+    study = Study(config, tmp_path, stop_after=lambda run, stage: run.seed == 1 and stage == "train")
+    with pytest.raises(KeyboardInterrupt):
+        study.run()
+    trained = [label for label, stage in study.executed if stage == "train"]
+    assert trained == ["sntfx:cnn adam seed 0", "sntfx:cnn snt-linear seed 0", "sntfx:cnn adam seed 1"]
+    assert [(r.method.name, r.seed) for r in study.runs()] == [("adam", 0), ("adam", 1), ("snt-linear", 0),
+                                                                ("snt-linear", 1)]
+
+
 def test_processes_sharing_a_study_folder_skip_the_runs_another_one_holds(tmp_path):
     """Two processes on one folder share the runs: a run whose lock another process holds is skipped, not
     computed twice; the process that is not last writes no report and names the held runs; once the lock is

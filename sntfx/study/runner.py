@@ -167,6 +167,13 @@ class Study:
         return [Run(model, method, seed, self.out / "runs" / slug(model) / slug(method.name) / f"seed{seed}")
                 for model in c.models for method in c.method_objects for seed in c.seeds]
 
+    def _schedule(self, runs: list[Run]) -> list[tuple[int, Run]]:
+        """The order runs are computed in (with their index in ``runs``): per model, seed by seed, every method of
+        a seed before the next seed. A study stopped part-way then holds complete paired comparisons over the seeds
+        it reached, not every seed of the first methods and none of the last."""
+        c = self.config
+        return sorted(enumerate(runs), key=lambda ir: (c.models.index(ir[1].model), c.seeds.index(ir[1].seed), ir[0]))
+
     def run_config(self, run: Run) -> dict[str, Any]:
         """The settings a run's training depends on (a resumed study must match them)."""
         c = self.config.to_dict()
@@ -356,7 +363,7 @@ class Study:
         weights = {run: self._weights(run, measured) for run in runs}
         self.progress.begin(sum(sum(w.values()) for w in weights.values()), len(runs))
         stages = self.measurement_stages
-        todo = list(enumerate(runs))
+        todo = self._schedule(runs)
         while todo:
             # One process measures each run as soon as it is trained, so a run is complete (and can be kept
             # without its weights) before the next one starts. Under torchrun every rank trains each run
