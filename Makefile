@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow test-zoo bench clean
 
 # pyproject.toml declares ranges (installing sntfx keeps a user's torch); the .venv gets the versions the
 # tests run on. Changing them rebuilds the .venv.
@@ -31,9 +31,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PYTEST) -m "not slow" -q
 
-## The long tests only: model-zoo sweeps, real-data runs (CI runs them too).
+## The long tests: the model-zoo sweep (one style per model) and fault injection (CI runs them too).
 test-slow: $(STAMP)
-	$(PYTEST) -m slow -q
+	$(PYTEST) -m "slow and not exhaustive" -q
+
+## The whole zoo sweep: every torchvision classifier and timm family with every style (over an hour).
+test-zoo: $(STAMP)
+	$(PYTEST) -m slow -q tests/test_zoo.py
 
 ## Measurements (ratios within one run); results in bench-results/.
 bench: $(STAMP)

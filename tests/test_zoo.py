@@ -10,8 +10,12 @@ Models whose expanded form exceeds ``zoo_check.BLOCKWISE_PARAMS`` (300M
 parameters, for memory) are checked block by block on each block's own
 recorded input; everything smaller is expanded, folded and compared whole.
 
-The full sweep is marked slow (`make test-slow`, run by CI); a small
-representative subset runs with `make test`.
+A small representative subset runs with `make test`, every style on each of
+its models. The rest of the sweep is marked slow: `make test-slow` (run by CI)
+checks each of those models with one style, the styles taking turns down the
+list so that every style meets every family; the other two styles of each
+model are marked ``exhaustive`` as well and run with `make test-zoo` (all
+three styles on every model, over an hour on 2 cores).
 """
 
 from __future__ import annotations
@@ -69,20 +73,28 @@ def _assert_ok(r):
     assert r.ok, r
 
 
-def _names(all_names, fast):
-    """The fast subset runs with `make test`; the rest is marked slow."""
-    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in all_names]
+def _cases(all_names, fast):
+    """(name, style) for every model and style: the fast subset unmarked; of the others, one style per model
+    (taking turns down the list) marked slow, the other two slow and exhaustive."""
+    cases, turn = [], 0
+    for name in all_names:
+        if name in fast:
+            cases += [(name, style) for style in STYLES]
+            continue
+        for i, style in enumerate(STYLES):
+            marks = [pytest.mark.slow] + ([] if i == turn % len(STYLES) else [pytest.mark.exhaustive])
+            cases.append(pytest.param(name, style, marks=marks, id=f"{name}-{style}"))
+        turn += 1
+    return cases
 
 
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", _names(TORCHVISION, FAST_TORCHVISION))
+@pytest.mark.parametrize(("name", "style"), _cases(TORCHVISION, FAST_TORCHVISION))
 def test_torchvision_classifier(name, style):
     model, x = _tv(name)
     _assert_ok(check_model(model, x, style, name=name))
 
 
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", _names(TIMM, FAST_TIMM))
+@pytest.mark.parametrize(("name", "style"), _cases(TIMM, FAST_TIMM))
 def test_timm_family(name, style):
     model, x = _timm(name)
     _assert_ok(check_model(model, x, style, name=name))
