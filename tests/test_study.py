@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -691,6 +692,7 @@ def _benchmark_script(name):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -743,3 +745,58 @@ def test_the_schedule_rule_picks_the_first_epoch_within_the_tolerance_of_adams_b
         rule.main([curve("test", [("m:vgg", "adam", [0.9])], split="test")])
     with pytest.raises(SystemExit, match="different lengths"):
         rule.main([curve("cut", [("m:vgg", "adam", [0.9, 0.91]), ("m:vgg", "adam", [0.9])])])
+
+
+def test_the_default_rule_takes_the_candidate_meeting_the_goal_else_the_best_one_that_keeps_float_accuracy(tmp_path,
+                                                                                                          capsys):
+    """benchmarks/choose_default.py: the goal needs both primary scores' intervals above zero, best-setting gains
+    of 2 / 5.4 points where Adam loses 5 points, float accuracy not hurt and a measured step at most 1.10x Adam;
+    a candidate meeting it on every model is the default even against a higher-scoring one that does not;
+    without one, the best mean primary score among those whose float accuracy is not hurt; the test split is
+    refused."""
+    choose = _benchmark_script("choose_default")
+
+    def stat(mean, half=0.01, n=5):
+        return {"mean": mean, "std": 0.0, "n": n, "ci95": [mean - half, mean + half]}
+
+    def summary(methods):
+        adam = {"float": {"mean": 0.90}, "wanda:0.7": {"mean": 0.80}, "W3": {"mean": 0.70}, "W8": {"mean": 0.899}}
+        gains, primary = {}, {}
+        for method, (prune, quant, best_prune, best_quant, float_gain) in methods.items():
+            gains[method] = {"float": stat(float_gain), "wanda:0.7": stat(best_prune), "W3": stat(best_quant),
+                             "W8": stat(0.5)}  # W8: Adam loses nothing there, so it is no best setting
+            primary[method] = {"pruning score": stat(prune), "quantization score": stat(quant)}
+        return {"metrics": {"adam": adam}, "gains_over_adam": gains, "primary_scores": primary}
+
+    def results(name, per_model, split="val"):
+        path = tmp_path / name / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"config": {"evaluate_on": split},
+                                    "summary": {m: summary(methods) for m, methods in per_model.items()}}))
+        return str(path)
+
+    good = (0.03, 0.06, 0.03, 0.06, 0.0)
+    better_but_slow = (0.05, 0.08, 0.05, 0.08, 0.0)
+    costs = tmp_path / "steps.json"
+    costs.write_text(json.dumps({"results": {m: {"variants": {
+        "adam": {"time_vs_adam": 1.0}, "snt linear online": {"time_vs_adam": 1.05},
+        "snt qa-branch explicit": {"time_vs_adam": 1.8}}} for m in ("a", "b")}}))
+    path = results("goal", {"sntfx:a": {"snt-linear": good, "snt-qa-branch": better_but_slow},
+                            "sntfx:b": {"snt-linear": good, "snt-qa-branch": better_but_slow}})
+    assert choose.main([path, "--step-costs", str(costs)]) == ("snt-linear", "meets the goal on every model")
+    out = capsys.readouterr().out
+    assert "step 1.80x Adam" in out and "a screen" not in out
+    # without the cost file no cost is measured, so nothing meets the goal: the higher mean score wins
+    method, why = choose.main([path])
+    assert method == "snt-qa-branch" and "no candidate meets the goal" in why
+    assert "step cost not measured" in capsys.readouterr().out
+    # a best setting 1.9 points up is not enough, and a float interval below zero rules a candidate out
+    short = (0.03, 0.06, 0.019, 0.06, 0.0)
+    hurts = (0.09, 0.09, 0.09, 0.09, -0.02)
+    path = results("none", {"sntfx:a": {"snt-linear": short, "snt-lin-branch": hurts},
+                            "sntfx:b": {"snt-linear": good, "snt-lin-branch": good}})
+    assert choose.main([path, "--step-costs", str(costs)])[0] == "snt-linear"
+    out = capsys.readouterr().out
+    assert "best pruning gain +1.90 < +2.0" in out and "float accuracy hurts" in out
+    with pytest.raises(SystemExit, match="validation"):
+        choose.main([results("test", {"sntfx:a": {"snt-linear": good}}, split="test")])
