@@ -12,7 +12,12 @@ measures, on this machine:
 - a plain 3x3 convolution's forward + backward, per forward multiply-add (the unit);
 - one elementwise pass (``torch.mul`` into a preallocated output), per element, in that unit: ``ELEMENT_MACS``;
 - each online style's composition, forward + backward, per kernel element, in passes;
-- the trainer's (fused) Adam update, per parameter element, in passes.
+- the trainer's (fused) Adam update, per parameter element, in passes;
+- each online style's fixed cost per call, in units (``call_overhead``, cost model 3): a block on a
+  tiny kernel and input, forward through its composed kernel and backward, minus the plain layer's
+  call on the same input (dispatching the composition's operations and their backward, whatever
+  the kernel's size; on a 3x3 conv of a CIFAR ResNet at batch 128 it is a few percent of the
+  layer's own work, which cost model 2 left out).
 
     python benchmarks/bench_compose_cost.py                   # prints the table, writes JSON
     python benchmarks/bench_compose_cost.py --channels 256,512
@@ -101,6 +106,22 @@ def compose_seconds(style: str, channels: int, repeats: int) -> tuple[float, flo
     return seconds, blocks[0].compose_macs() / layer.weight.numel()
 
 
+def call_overhead_seconds(style: str, repeats: int, channels: int = 8, size: int = 4) -> tuple[float, float]:
+    """(block, plain) seconds of one call forward and backward on a tiny kernel and input, interleaved.
+
+    The block runs its composed kernel (``forward_composed``, what an online block does in training); at
+    this size the work is nothing, so the difference is what a block adds per call whatever its kernel."""
+    layer = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+    block = make_block(layer, style, ratio=4)
+    x = torch.randn(1, channels, size, size)
+    grad = torch.ones(1, channels, size, size)
+    block_times, plain_times = [], []
+    for _ in range(repeats):  # alternate, so that drifts hit both alike
+        block_times.append(median_seconds(lambda: block.forward_composed(x).backward(grad), 50, warmup=5))
+        plain_times.append(median_seconds(lambda: layer.forward(x).backward(grad), 50, warmup=5))
+    return statistics.median(block_times), statistics.median(plain_times)
+
+
 def optimizer_seconds(numel: int, repeats: int) -> float:
     """Seconds per parameter element of the trainer's Adam update (fused where it can be), memory resident."""
     params = [nn.Parameter(torch.randn(numel)) for _ in range(_copies(16 * numel))]
@@ -134,6 +155,15 @@ def main() -> None:
                                                       "compose_macs_per_element": macs_per_element}
             print(f"{style:11s} C={c:4d}: {seconds * 1e9:7.2f} ns per kernel element, compose MACs "
                   f"{macs_per_element:6.0f} per element, elementwise work {passes:5.1f} passes")
+    rows["call_overhead"] = {}
+    for style in style_names():
+        if not get_style(style).trains_online:
+            continue
+        block, plain = call_overhead_seconds(style, args.repeats)
+        rows["call_overhead"][style] = {"block_us": block * 1e6, "plain_us": plain * 1e6,
+                                        "units": (block - plain) / unit}
+        print(f"{style:11s} per call: {block * 1e6:6.0f} us against the plain layer's {plain * 1e6:5.0f} us: "
+              f"{(block - plain) / unit / 1e6:.1f} M units (call_overhead)")
     for c in channels:
         seconds = optimizer_seconds(c * c * 9, args.repeats)
         rows["optimizer_passes"][c] = seconds / element

@@ -193,8 +193,21 @@ def test_weight_containers_hold_the_same_grid(tmp_path, trained_digits, weight_t
     xs = torch.stack([data.test[i][0] for i in range(256)])
     for wbits, container in ((8, weight_type), (7, "int8"), (6, "int8")):
         q = apply_pass(folded, SimulatedQuantize(wbits=wbits, abits=8), data).graph_module
+        form = qdq_form(q, weight_type)
+        layers_of_q = dict(q.named_modules())
+        checked = 0
+        for name, m in form.named_modules():
+            if type(m).__name__ == "_QDQWeightLayer":  # its counts, dequantized, are the simulated weights
+                scale = m.scale.reshape(-1, *[1] * (m.weight_q.dim() - 1)) if m.per_channel else m.scale
+                dequantized = (m.weight_q.to(torch.int64) - m.offset).float() * scale
+                torch.testing.assert_close(dequantized, layers_of_q[name].weight.detach(), rtol=1e-6, atol=0)
+                checked += 1
+        assert checked == len(q.meta["sntfx"]["quantized_weights"])
         with torch.no_grad():
-            assert torch.allclose(qdq_form(q, weight_type)(xs), q(xs), rtol=1e-5, atol=1e-5)
+            same = torch.isclose(form(xs), q(xs), rtol=1e-5, atol=1e-5).all(dim=1)
+        # the two forms round in a different order, so an activation lying on a rounding tie may land one step
+        # apart in a rare image (1 of 256 in one training)
+        assert same.float().mean() >= 0.98
         report = export_onnx(q, tmp_path / "q.onnx", xs[:1], dynamic_batch=True, verify_inputs=(xs,),
                              weight_type=weight_type)
         layers = len(q.meta["sntfx"]["quantized_weights"])

@@ -101,7 +101,7 @@ def test_graphml_has_one_node_per_fx_node_and_the_data_flow(tmp_path):
 @pytest.mark.parametrize("style, ratio", [("linear", 2), ("branch", None)])
 def test_snt_blocks_are_annotated_with_their_style(tmp_path, style, ratio):
     policy = Policy(style=style, ratio=ratio or 4, skip_last=True)
-    gm = sntfx.transform("sntfx:smallvgg", policy=policy)
+    gm = sntfx.transform("sntfx:smallvgg", policy=policy, budget=None)  # every eligible layer
     g = _write_and_read(gm, tmp_path / "snt.graphml")
     blocks = {n: d for n, d in g.nodes(data=True) if d["snt_block"]}
     modules = dict(gm.named_modules())

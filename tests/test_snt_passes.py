@@ -336,14 +336,23 @@ def test_the_recipe_records_the_budgets_choice_and_old_recipes_replay_the_first_
     a recipe from before the calibrated model (no cost_model, no plain_layers) replays cost model 1."""
     import sntfx.blocks.base as base
 
+    from sntfx.passes.snt_expand import COST_MODEL
+
     x = torch.randn(2, 1, 28, 28)
-    gm = sntfx.transform("sntfx:smallvgg", x, style="powerprop", budget=0.01)  # its 1568 -> 128 classifier
+
+    def expand():  # cost model 2 (model 3's floor would let this small model expand everything at 1%)
+        return PassManager([SNTExpand(style="powerprop", budget=0.01, cost_model=2)]).run(
+            sntfx.trace("sntfx:smallvgg", x), PassContext(example_inputs=(x,))).graph_module
+
+    gm = expand()  # its 1568 -> 128 classifier stays plain
     step = next(p for p in gm.meta["sntfx"]["pipeline"] if p["name"] == "snt")
     assert step["params"]["plain_layers"] == ["classifier.0"] and step["params"]["cost_model"] == 2
+    default = sntfx.transform("sntfx:smallvgg", x, style="powerprop")
+    recorded = next(p for p in default.meta["sntfx"]["pipeline"] if p["name"] == "snt")["params"]
+    assert recorded["cost_model"] == COST_MODEL == 3
     sntfx.save(gm, tmp_path / "m.pt")
     monkeypatch.setattr(base, "ELEMENT_MACS", 0)  # a recalibration that would now expand it
-    assert isinstance(sntfx.transform("sntfx:smallvgg", x, style="powerprop", budget=0.01).get_submodule("classifier.0"),
-                      SNTBlock)
+    assert isinstance(expand().get_submodule("classifier.0"), SNTBlock)
     loaded = sntfx.load(tmp_path / "m.pt")
     assert isinstance(loaded.get_submodule("classifier.0"), nn.Linear)
     assert isinstance(loaded.get_submodule("features.0"), SNTBlock)
@@ -352,9 +361,52 @@ def test_the_recipe_records_the_budgets_choice_and_old_recipes_replay_the_first_
     replayed = SNTExpand(**{**SNTExpand.legacy_params, **legacy})
     assert replayed.cost_model == 1 and replayed.plain_layers is None
     with pytest.raises(ValueError, match="cost_model"):
-        SNTExpand(cost_model=3)
+        SNTExpand(cost_model=4)
     with pytest.raises(ValueError, match="plain_layers"):
         SNTExpand(plain_layers="wide")
+
+
+class _DeepNarrow(nn.Module):
+    """``depth`` 16-channel 3x3 convs with ReLUs: many blocks whose kernels cost little to compose but whose calls
+    each cost the same fixed overhead (a deep narrow ResNet in miniature)."""
+
+    def __init__(self, depth: int = 80):
+        super().__init__()
+        self.body = nn.Sequential(*[m for _ in range(depth) for m in (nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())])
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("style", ["linear", "lin-branch", "powerprop"])
+def test_cost_model_3_counts_each_blocks_fixed_call_cost(style, monkeypatch):
+    """Cost model 2 exempted every block below MIN_COUNTED, so many small blocks could together exceed the budget
+    without any of them being counted. Model 3 adds each block's calibrated call_overhead and counts every block.
+    At a budget between what 80 small blocks cost without and with their call overhead, model 2 keeps all 80,
+    model 3 keeps what fits the budget, and model 3 without the call overhead would keep all 80 again."""
+    from sntfx.passes.snt_expand import MIN_COUNTED, MIN_SPENT
+
+    x = torch.randn(2, 16, 8, 8)
+    model = _DeepNarrow()
+    plain = 80 * 128 * 16 * 16 * 9 * 8 * 8  # the convs' multiply-adds at batch 128
+    every = [m for m in sntfx.transform(model, x, style=style, budget=None).modules() if isinstance(m, SNTBlock)]
+    assert len(every) == 80 and every[0].call_overhead > 0
+    sized = sum(b.compose_cost() + b.parameter_cost() for b in every)
+    counted = sized + sum(b.call_overhead for b in every)
+    budget = (sized + counted) / 2 / plain
+    assert budget * plain > MIN_SPENT and all(b.compose_cost() + b.parameter_cost() < MIN_COUNTED for b in every)
+
+    def expand(cost_model):
+        return PassManager([SNTExpand(style=style, budget=budget, cost_model=cost_model, memory_budget=None)]).run(
+            sntfx.trace(model, x), PassContext(example_inputs=(x,)))
+
+    assert sum(isinstance(m, SNTBlock) for m in expand(2).graph_module.modules()) == 80
+    result = expand(3)
+    kept = [m for m in result.graph_module.modules() if isinstance(m, SNTBlock)]
+    assert 0 < len(kept) < 80 and result.passes[0].stats[OVER_BUDGET] == 80 - len(kept)
+    assert sum(b.compose_cost() + b.call_overhead + b.parameter_cost() for b in kept) <= budget * plain
+    monkeypatch.setattr(type(kept[0]), "call_overhead", 0.0)
+    assert sum(isinstance(m, SNTBlock) for m in expand(3).graph_module.modules()) == 80
 
 
 def test_budget_is_validated_and_ignores_styles_without_composition():
@@ -394,12 +446,13 @@ def test_memory_budget_leaves_the_largest_holders_plain():
     x = torch.zeros(2, 3, 32, 32)
     plain = sntfx.trace(sntfx.build_model("sntfx:resnet20"), x)
     model = (2 + OPTIMIZER_STATES) * sum(p.numel() * 4 for p in plain.parameters()) + _activation_bytes(plain, (x,), 128)
-    gm, rep = sntfx.transform(plain, x, style="linear", budget=0.1, memory_budget=0.25, report=True)
+    # a time budget that limits nothing here, so that what is left plain is the memory budget's doing
+    gm, rep = sntfx.transform(plain, x, style="linear", budget=1.0, memory_budget=0.25, report=True)
     blocks = [m for m in gm.modules() if isinstance(m, LinearExpansion)]
     dropped = rep.passes[0].stats[OVER_MEMORY]
     assert dropped >= 1 and rep.passes[0].stats.get(OVER_BUDGET, 0) == 0
     assert sum(b.memory_cost() for b in blocks) <= 0.25 * model
-    everything = sntfx.transform(plain, x, style="linear", budget=0.1, memory_budget=None)
+    everything = sntfx.transform(plain, x, style="linear", budget=1.0, memory_budget=None)
     held = sum(b.memory_cost() for b in everything.modules() if isinstance(b, LinearExpansion))
     assert held > 0.3 * model  # without the limit it would hold more than the goal allows
     # the plain ones hold the most per multiply-add: the classifier (one row per image) and the last stage's
@@ -430,14 +483,14 @@ def test_a_saved_model_replays_the_memory_budgets_choice(tmp_path, monkeypatch):
     import sntfx.blocks.base as base
 
     x = torch.zeros(2, 3, 32, 32)
-    gm = sntfx.transform("sntfx:resnet20", x, style="linear", memory_budget=0.25)
+    gm = sntfx.transform("sntfx:resnet20", x, style="linear", budget=1.0, memory_budget=0.25)
     step = next(p for p in gm.meta["sntfx"]["pipeline"] if p["name"] == "snt")
     assert step["params"]["memory_budget"] == 0.25 and len(step["params"]["plain_layers"]) >= 1
     sntfx.save(gm, tmp_path / "m.pt")
     count = sum(isinstance(m, LinearExpansion) for m in gm.modules())
     monkeypatch.setattr(base, "OPTIMIZER_STATES", -2)  # a memory model under which more would fit
-    assert sum(isinstance(m, LinearExpansion)
-               for m in sntfx.transform("sntfx:resnet20", x, style="linear", memory_budget=0.25).modules()) > count
+    again = sntfx.transform("sntfx:resnet20", x, style="linear", budget=1.0, memory_budget=0.25)
+    assert sum(isinstance(m, LinearExpansion) for m in again.modules()) > count
     loaded = sntfx.load(tmp_path / "m.pt")
     assert {n for n, m in loaded.named_modules() if isinstance(m, LinearExpansion)} == {
         n for n, m in gm.named_modules() if isinstance(m, LinearExpansion)}

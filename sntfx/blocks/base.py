@@ -337,6 +337,10 @@ class SNTBlock(nn.Module):
     #: Whether an online block composes at every call (False: it runs its explicit form where that is
     #: cheaper, as ``linear`` does on few positions).
     always_composes: bool = True
+    #: Fixed cost of one call of an online block beyond the plain layer's, forward and backward, in the
+    #: units of ``ELEMENT_MACS``: dispatching the composition's operations and their backward, whatever
+    #: the kernel's size (the budget's cost model 3; calibrated with ``benchmarks/bench_compose_cost.py``).
+    call_overhead: float = 0.0
 
     def compose_macs(self) -> int:
         """Multiply-accumulates of composing the kernel once by matrix products (0 for elementwise styles)."""

@@ -41,6 +41,9 @@ class LinearizedBranchBlock(SNTBlock):
     #: addcmul, the centre-tap add, and their backward: measured 10.9 / 17.7 / 38.1 passes at 256 / 512 / 64
     #: channels (small kernels pay per-operation overhead); the median (bench_compose_cost.py)
     compose_passes = 18.0
+    #: the branches' scaled sums and their backward: 826 us per call beyond the plain conv's (same machine
+    #: and results as linear's)
+    call_overhead = 12_200_000.0
 
     def __init__(self, config: LayerConfig):
         super().__init__(config)

@@ -50,6 +50,9 @@ class LinearExpansion(SNTBlock):
     #: tensor, measured 53 passes per kernel element at 64 channels, 1 at 256, none at 512 (where the
     #: products run faster than a conv); a few passes over the kernel (bench_compose_cost.py)
     compose_passes = 4.0
+    #: two einsums, their reshapes and their backward: 842 us per call beyond the plain conv's on a 2-core
+    #: x86 CPU whose conv unit is 68 ps (bench_compose_cost.py; cpu-compose-cost-call-overhead.json)
+    call_overhead = 12_400_000.0
     always_composes = False  # online_pays: the chain where composing costs more
 
     def __init__(self, config: LayerConfig, ratio: int = 4, *, online: bool = False):

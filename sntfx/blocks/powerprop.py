@@ -62,6 +62,9 @@ class PowerPropagation(SNTBlock):
     style = "powerprop"
     #: forward and backward of the elementwise composition (measured 4.4-6.1 passes; bench_compose_cost.py)
     compose_passes = 5.0
+    #: one elementwise composition and its backward: 114 us per call beyond the plain conv's (same machine
+    #: and results as linear's)
+    call_overhead = 1_700_000.0
 
     def __init__(self, config: LayerConfig, alpha: float = ALPHA):
         super().__init__(config)
