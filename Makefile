@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 ## Unit and integration tests (a few minutes on 2 cores).
 test: $(STAMP)
-	$(PYTEST) -m "not slow" -q
+	$(PYTEST) -m "not slow" -q --durations=20
 
 ## The long tests: the model-zoo sweep (one style per model) and fault injection (CI runs them too).
 test-slow: $(STAMP)
