@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/sntfx study --preset quick --out $(DEMO_OUT) $(DEMO_ARGS)
 	@echo "report: $(DEMO_OUT)/report.md"
 
-## Unit and integration tests (a few minutes on 2 cores).
+## Unit and integration tests (about 20 minutes on 2 cores).
 test: $(STAMP)
 	$(PYTEST) -m "not slow" -q --durations=20
 
