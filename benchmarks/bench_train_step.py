@@ -47,7 +47,7 @@ from sntfx.train import TrainConfig, Trainer, set_online_fold
 
 MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU batch)
     "smallvgg": ("sntfx:smallvgg", {"in_channels": 1, "num_classes": 10}, (1, 28, 28), 128, 128),
-    "resnet8": ("sntfx:resnet8", {"in_channels": 1, "num_classes": 10}, (1, 28, 28), 128, 128),  # the research's
+    "resnet8": ("sntfx:resnet8", {"in_channels": 1, "num_classes": 10}, (1, 28, 28), 128, 128),  # the research's ResNet
     "resnet20": ("sntfx:resnet20", {}, (3, 32, 32), 128, 128),
     "resnet56": ("sntfx:resnet56", {}, (3, 32, 32), 128, 128),
     "vgg11": ("sntfx:vgg11", {}, (3, 32, 32), 128, 128),

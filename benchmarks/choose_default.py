@@ -103,11 +103,10 @@ def step_costs(path: Path | None) -> dict[str, dict[str, float]]:
 
 
 def step_cost(costs: dict[str, dict[str, float]], model: str, method: str) -> float | None:
-    m = Method.parse(method)
+    m, variants = Method.parse(method), costs.get(model.removeprefix("sntfx:"), {})
     if not m.snt:
-        return costs.get(model.removeprefix("sntfx:"), {}).get("sam" if m.sam else "adam")
-    mode = "online" if get_style(m.style).trains_online else "explicit"
-    return costs.get(model.removeprefix("sntfx:"), {}).get(f"snt {m.style} {mode}")
+        return variants.get("sam" if m.sam else "adam")
+    return variants.get(f"snt {m.style} {'online' if get_style(m.style).trains_online else 'explicit'}")
 
 
 def verdicts(results: dict[str, Any], costs: dict[str, dict[str, float]]) -> list[Verdict]:
@@ -115,14 +114,16 @@ def verdicts(results: dict[str, Any], costs: dict[str, dict[str, float]]) -> lis
     for model, summary in results["summary"].items():
         adam = summary["metrics"].get("adam", {})
         adam_float = (adam.get("float") or {}).get("mean")
+        hard_settings = [k for k in adam if setting_kind(k) and adam_float is not None
+                         and adam_float - adam[k]["mean"] >= ADAM_LOSS]  # where Adam loses 5 points or more
         for method, gains in summary["gains_over_adam"].items():
             if not Method.parse(method).snt:
                 continue
             scores = summary["primary_scores"][method]
             best: dict[str, tuple[str, float] | None] = {}
             for kind in BEST_GAIN:
-                hard = [k for k in gains if setting_kind(k) == kind and adam_float is not None and k in adam
-                        and adam_float - adam[k]["mean"] >= ADAM_LOSS and gains[k]["mean"] is not None]
+                hard = [k for k in hard_settings if setting_kind(k) == kind and (gains.get(k) or {}).get("mean")
+                        is not None]
                 best[kind] = max(((k, gains[k]["mean"]) for k in hard), key=lambda kv: kv[1], default=None)
             seeds = min((s["n"] for s in scores.values()), default=0)
             v = Verdict(model, method, seeds, scores, gains.get("float", {}), best, step_cost(costs, model, method))

@@ -186,7 +186,7 @@ def test_weight_containers_hold_the_same_grid(tmp_path, trained_digits, weight_t
     from onnx import numpy_helper
 
     from sntfx.compress import apply_pass
-    from sntfx.exporters.qdq import qdq_form
+    from sntfx.exporters.qdq import _QDQWeightLayer, qdq_form
     from sntfx.passes import SimulatedQuantize
 
     folded, data = trained_digits
@@ -197,7 +197,7 @@ def test_weight_containers_hold_the_same_grid(tmp_path, trained_digits, weight_t
         layers_of_q = dict(q.named_modules())
         checked = 0
         for name, m in form.named_modules():
-            if type(m).__name__ == "_QDQWeightLayer":  # its counts, dequantized, are the simulated weights
+            if isinstance(m, _QDQWeightLayer):  # its counts, dequantized, are the simulated weights
                 scale = m.scale.reshape(-1, *[1] * (m.weight_q.dim() - 1)) if m.per_channel else m.scale
                 dequantized = (m.weight_q.to(torch.int64) - m.offset).float() * scale
                 torch.testing.assert_close(dequantized, layers_of_q[name].weight.detach(), rtol=1e-6, atol=0)
