@@ -21,7 +21,8 @@ from sntfx.study import SCHEMA_PATH, Method, Study, StudyConfig, summarize
 TINY = dict(models=["sntfx:cnn"], data="synthetic", epochs=2, limit_batches=3, batch_size=32, eval_images=64,
             sharpness_batches=1, sharpness_batch_size=32, sharpness_iters=3, trace_samples=2, landscape_steps=5,
             bench_iters=2, bench_batch_sizes=[1, 8], sparsities=[0.5, 0.8], channel_sparsities=[0.3], bits=[8, 4],
-            provider="cpu")
+            # W8A8 (the int8 file) and one other deployed setting: each costs an ONNX export per run
+            act_bits=[[8, 8], [4, 8]], provider="cpu")
 STAGE_FILES = ["config.json", "train.json", "evaluate.json", "sweep.json", "onnx.json", "model.pt", "model.onnx",
                "model.int8.onnx", "train.ckpt", "train.metrics.jsonl"]
 PLOTS = ["accuracy_vs_sparsity", "accuracy_vs_bits", "sharpness", "landscape", "training_curves"]
