@@ -105,23 +105,58 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _sample_seed(self, i: int) -> int:
+        return (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+
     def __getitem__(self, i: int):
         x = self.images[i].float().div_(255.0)
         if self.train and self.info.augment != "none":
-            x = _augment(x, self.info.augment, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+            x = _augment(x, self.info.augment, self._sample_seed(i))
         return (x - self._mean) / self._std, self.labels[i]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A batch at once (``DataLoader`` calls this when it batches): bit for bit ``[self[i] for i in indices]``,
+        with the per-image work done on the whole batch. Each image's crop and flip are still drawn from its
+        own seed, so a batch does not depend on which images share it."""
+        idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
+        x = self.images[idx].float().div_(255.0)
+        if self.train and self.info.augment != "none":
+            x = _augment_batch(x, self.info.augment, [self._sample_seed(i) for i in indices])
+        return list(zip(((x - self._mean) / self._std).unbind(0), self.labels[idx].unbind(0)))
+
+
+def _augment_pad(h: int, w: int) -> int:
+    return 4 if min(h, w) >= 16 else 1
+
+
+def _augment_draws(kind: str, seed: int, pad: int, gen: torch.Generator) -> tuple[int, int, bool]:
+    """An image's crop offsets and flip, from its own seed (``gen`` is reseeded: one object serves a batch)."""
+    gen.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    flip = kind == "crop-flip" and bool(torch.rand((), generator=gen) < 0.5)
+    return dy, dx, flip
 
 
 def _augment(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
-    pad = 4 if min(x.shape[-2:]) >= 16 else 1
     h, w = x.shape[-2:]
+    pad = _augment_pad(h, w)
+    dy, dx, flip = _augment_draws(kind, seed, pad, torch.Generator())
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad))[:, dy:dy + h, dx:dx + w]
+    return x.flip(-1) if flip else x
+
+
+def _augment_batch(x: torch.Tensor, kind: str, seeds: list[int]) -> torch.Tensor:
+    """:func:`_augment` of each image of ``x`` (``(B, C, H, W)``) with its seed, as one gather."""
+    b, c, h, w = x.shape
+    pad = _augment_pad(h, w)
+    gen = torch.Generator()
+    draws = torch.tensor([_augment_draws(kind, s, pad, gen) for s in seeds], dtype=torch.long).reshape(b, 3)
+    dy, dx, flip = draws[:, :1], draws[:, 1:2], draws[:, 2:].bool()
+    rows = dy + torch.arange(h)  # (B, H): the crop's rows in the padded image
+    cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1), torch.arange(w))  # (B, W), reversed when flipped
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
-    x = padded[:, dy:dy + h, dx:dx + w]
-    if kind == "crop-flip" and torch.rand((), generator=gen) < 0.5:
-        x = x.flip(-1)
-    return x
+    return padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 @dataclass
@@ -155,11 +190,17 @@ class _Subset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """The wrapped dataset's items at these positions, batched where it batches (``DataLoader`` calls this)."""
         saved = getattr(self.dataset, "train", None)
         if saved is not None:
             self.dataset.train = self.train
         try:
-            return self.dataset[int(self.indices[i])]
+            inner = [int(self.indices[int(i)]) for i in indices]
+            fetch = getattr(self.dataset, "__getitems__", None)
+            return fetch(inner) if fetch is not None else [self.dataset[i] for i in inner]
         finally:
             if saved is not None:
                 self.dataset.train = saved

@@ -37,6 +37,48 @@ def test_augmentation_is_deterministic_per_seed_epoch_and_index():
     assert torch.equal(a.test[3][0], b.test[3][0])  # no augmentation at test time
 
 
+@pytest.mark.parametrize("augment, size", [("crop-flip", 16), ("crop", 16), ("none", 16), ("crop-flip", 8)])
+def test_a_batch_fetched_at_once_is_bit_for_bit_the_images_fetched_one_by_one(augment, size):
+    """DataLoader fetches a batch through __getitems__ (vectorised): the same tensors as __getitem__ per image,
+    for every augmentation, pad (8x8 images pad 1, larger 4), epoch, and through a held-out subset."""
+    from dataclasses import replace
+
+    from torch.utils.data import DataLoader
+
+    from sntfx.data import ImageTensorDataset, _Subset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, size, size), dtype=torch.uint8, generator=g)
+    info = replace(load_data("synthetic").info, augment=augment, channels=3, size=(size, size),
+                   mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    ds = ImageTensorDataset(images, torch.arange(40) % 4, info, train=True, seed=7)
+    order = [5, 0, 39, 5, 17, 2, 30]
+    for epoch in (0, 3):
+        ds.set_epoch(epoch)
+        batch = ds.__getitems__(order)
+        for i, (x, y) in zip(order, batch):
+            ref_x, ref_y = ds[i]
+            assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    if augment != "none":  # the augmentation did something, so the comparison above compared crops
+        assert not torch.equal(ds.__getitems__([5])[0][0], ((images[5].float() / 255 - ds._mean) / ds._std))
+    sub = _Subset(ds, torch.tensor([3, 9, 1, 22]), train=True)
+    assert all(torch.equal(a[0], ds[j][0]) for a, j in zip(sub.__getitems__([2, 0, 3]), [1, 3, 22]))
+    eval_sub = _Subset(ds, torch.tensor([3, 9]), train=False)  # the held-out view is not augmented
+    assert torch.equal(eval_sub.__getitems__([1])[0][0], ((images[9].float() / 255 - ds._mean) / ds._std))
+    assert ds.train  # and the switch is restored
+
+    class OneByOne(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i]
+
+    sampler = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    for (xa, ya), (xb, yb) in zip(DataLoader(ds, batch_sampler=sampler), DataLoader(OneByOne(), batch_sampler=sampler)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_the_debian_package():
     d = load_data("fashion-mnist")
