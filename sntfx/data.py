@@ -118,6 +118,8 @@ class ImageTensorDataset(Dataset):
         """A batch at once (``DataLoader`` calls this when it batches): bit for bit ``[self[i] for i in indices]``,
         with the per-image work done on the whole batch. Each image's crop and flip are still drawn from its
         own seed, so a batch does not depend on which images share it."""
+        if type(self).__getitem__ is not ImageTensorDataset.__getitem__:  # a subclass's own item: keep it
+            return [self[i] for i in indices]
         idx = torch.as_tensor([int(i) for i in indices], dtype=torch.long)
         x = self.images[idx].float().div_(255.0)
         if self.train and self.info.augment != "none":

@@ -78,6 +78,15 @@ def test_a_batch_fetched_at_once_is_bit_for_bit_the_images_fetched_one_by_one(au
     for (xa, ya), (xb, yb) in zip(DataLoader(ds, batch_sampler=sampler), DataLoader(OneByOne(), batch_sampler=sampler)):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
+    class Shifted(ImageTensorDataset):  # a subclass that changes its items keeps them when a DataLoader batches
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x + 1, y
+
+    shifted = Shifted(images, torch.arange(40) % 4, info, train=False)
+    (xs, _), = DataLoader(shifted, batch_sampler=[[0, 7]])
+    assert torch.equal(xs, torch.stack([shifted[0][0], shifted[7][0]]))
+
 
 @pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_fashion_mnist_from_the_debian_package():

@@ -166,6 +166,7 @@ def test_validation_split_is_chosen_on_and_the_test_split_read_only_when_asked(t
     assert results["dataset"]["train_images"] == 412  # synthetic: 512 training images, 100 held out
     run = results["runs"][0]
     assert run["evaluate"]["split"] == "val" and run["evaluate"]["test_images"] == 100
+    assert run["train"]["curve_split"] == "validation"  # what the history's per-epoch accuracy was read on
     assert "validation images" in (tmp_path / "report.md").read_text()
     final = StudyConfig(**{**TINY, "eval_images": None}, methods=["adam", "snt-linear"], seeds=[0], onnx=False,
                         val_images=100, evaluate_on="test")
@@ -292,6 +293,7 @@ def test_results_validate_against_the_schema(tiny_study):
     results = json.loads((out / "results.json").read_text())
     jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text())).validate(results)
     assert len(results["runs"]) == 8
+    assert {r["train"]["curve_split"] for r in results["runs"]} == {"test"}  # no validation split held out
     assert results["config"]["seeds"] == [0, 1]
     assert "torch" in results["environment"]["packages"]
     # the summary is computed from the runs it lists

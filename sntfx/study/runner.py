@@ -523,7 +523,8 @@ class Study:
         data = self.curve_data
         if hasattr(data.train, "seed"):
             data.train.seed = run.seed  # augmentation follows the run's seed, like the sampler
-        trainer = Trainer(self.train_config(run), _TrainTicker(tick, self.config.epochs))
+        split = "validation" if data.val is not None else "test"
+        trainer = Trainer(self.train_config(run), _TrainTicker(tick, self.config.epochs, split))
         result = trainer.fit(gm, data, run.path / "train", resume=True)
         if _dist_info()[0] != 0:
             return None
@@ -548,6 +549,8 @@ class Study:
                 "epoch_seconds_median": statistics.median(epoch_seconds),
                 "samples_per_s_median": statistics.median(r["samples_per_s"] for r in result.history),
                 "final_test_accuracy": result.history[-1].get("test_accuracy"),
+                # the split the history's per-epoch "test_accuracy" was read on: validation where one is held out
+                "curve_split": split,
                 "params_trained": expanded_params, "params_deployed": count_parameters(gm),
                 "fold": fold}
 
@@ -698,8 +701,8 @@ class Study:
 class _TrainTicker:
     """Trainer callback that turns steps into study progress."""
 
-    def __init__(self, tick: Callable[[float], None], epochs: int):
-        self.tick, self.epochs, self.steps = tick, epochs, 1
+    def __init__(self, tick: Callable[[float], None], epochs: int, split: str = "test"):
+        self.tick, self.epochs, self.steps, self.split = tick, epochs, 1, split
 
     def on_epoch_start(self, epoch, steps):
         self.steps = max(steps, 1)
@@ -708,7 +711,7 @@ class _TrainTicker:
         self.tick(1.0 / (self.steps * self.epochs))
 
     def on_epoch_end(self, record):
-        log.info("epoch %d: loss %.4f, test accuracy %.4f", record["epoch"], record["train_loss"],
+        log.info("epoch %d: loss %.4f, %s accuracy %.4f", record["epoch"], record["train_loss"], self.split,
                  record.get("test_accuracy", float("nan")))
 
 
