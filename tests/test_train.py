@@ -175,6 +175,48 @@ def test_cli_train_errors(tmp_path):
     assert res.exit_code == 2 and "is the input file" in res.output
 
 
+def test_cli_train_with_a_validation_split_reports_on_it_and_never_reads_the_test_split(tmp_path, monkeypatch):
+    """--val-images N: per-epoch accuracy on N held-out training images, recorded as such; no test image is read."""
+    import sntfx.data
+
+    real, reads = sntfx.data.load_data, {"test": 0}
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            reads["test"] += 1
+            return self.inner[i]
+
+    def load(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.test = Counting(data.test)
+        return data
+
+    monkeypatch.setattr(sntfx.data, "load_data", load)
+    runner, out, report = CliRunner(), tmp_path / "m.pt", tmp_path / "r.json"
+    res = runner.invoke(cli, ["train", "sntfx:cnn", "--data", "digits", "--out", str(out), "--epochs", "2",
+                              "--batch-size", "64", "--val-images", "300", "--json", str(report)])
+    assert res.exit_code == 0, res.output
+    assert reads["test"] == 0 and "validation accuracy" in res.output and "val acc" in res.output
+    info = sntfx.read_recipe(out)["info"]
+    assert info["curve_split"] == "validation" and info["val_images"] == 300 and len(info["history"]) == 2
+    assert json.loads(report.read_text())["result"]["curve_split"] == "validation"
+    # without it the curve is the test split's, and says so
+    res = runner.invoke(cli, ["train", "sntfx:cnn", "--data", "digits", "--out", str(tmp_path / "t.pt"), "--epochs", "1",
+                              "--limit-batches", "2"])
+    assert res.exit_code == 0 and reads["test"] > 0 and "test accuracy" in res.output
+    assert sntfx.read_recipe(tmp_path / "t.pt")["info"]["curve_split"] == "test"
+    res = runner.invoke(cli, ["train", "sntfx:cnn", "--data", "digits", "--out", str(tmp_path / "v.pt"), "--epochs", "1",
+                              "--val-images", "5000"])
+    assert res.exit_code == 2 and "validation split must hold between 1 and" in res.output
+    assert not (tmp_path / "v.pt").exists()
+
+
 def test_cli_train_then_sharpness(tmp_path):
     runner = CliRunner()
     out = tmp_path / "m.pt"

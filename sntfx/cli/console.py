@@ -10,8 +10,8 @@ from .app import console, err_console
 class TrainProgress:
     """A progress bar per epoch: throughput, loss; a line per finished epoch."""
 
-    def __init__(self, progress, rank: int):
-        self.progress, self.rank, self.task = progress, rank, None
+    def __init__(self, progress, rank: int, split: str = "test"):
+        self.progress, self.rank, self.task, self.split = progress, rank, None, split
 
     def on_epoch_start(self, epoch, steps):
         if self.rank == 0:
@@ -26,7 +26,7 @@ class TrainProgress:
             return
         self.progress.remove_task(self.task)
         self.task = None
-        test = f"  test acc {record['test_accuracy']:.2%}" if "test_accuracy" in record else ""
+        test = f"  {self.split[:3]} acc {record['test_accuracy']:.2%}" if "test_accuracy" in record else ""
         self.progress.console.print(
             f"epoch {record['epoch']:>3}  loss {record['train_loss']:.4f}  train acc {record['train_accuracy']:.2%}"
             f"{test}  {record['samples_per_s']:.0f} samples/s  {record['seconds']:.1f}s", highlight=False)

@@ -57,6 +57,10 @@ from .options import (
 @click.option("--deterministic", is_flag=True, help="torch.use_deterministic_algorithms(True).")
 @click.option("--sync-bn", is_flag=True, help="SyncBatchNorm across processes (torchrun).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--val-images", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Hold out N training images (stratified; the same N images for every seed) and report accuracy "
+                   "on them each epoch; the test split is then not read. Choose epochs, learning rate and style on "
+                   "these; measure test once, at the end (sntfx sweep).")
 @click.option("--device", default="auto", show_default=True, type=TEXT)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint beside --out.")
 @click.option("--kwargs", default=None, help="JSON constructor arguments for a model spec.", type=TEXT)
@@ -65,14 +69,14 @@ from .options import (
 @trust_options
 def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, adaptive, lr, weight_decay, batch_size,
           schedule, warmup_epochs, label_smoothing, seed, amp, no_online_fold, checkpoint_every, limit_batches,
-          deterministic, sync_bn, workers, device, resume, kwargs, entry, weights_file, pretrained, source_file,
-          trust_source):
+          deterministic, sync_bn, workers, val_images, device, resume, kwargs, entry, weights_file, pretrained,
+          source_file, trust_source):
     """Train MODEL (a file from `sntfx transform`, or a model spec for the baselines).
 
     Launch with torchrun for DistributedDataParallel:
     torchrun --nproc_per_node=N -m sntfx train ...
     """
-    from ..data import load_data
+    from ..data import Data, hold_out, load_data
     from ..io import check_output_path
     from ..serialization import save
     from ..train import TrainConfig, Trainer, _dist_info, init_distributed, resolve_device, shutdown_distributed
@@ -100,6 +104,10 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     click.get_current_context().call_on_close(shutdown_distributed)  # leave the group once rank 0 has saved
     rank = _dist_info()[0]
     data = load_data(data_name, data_dir=data_dir, seed=seed)
+    split = "test"
+    if val_images:  # the trainer reports on data.test: hand it the validation split instead
+        held = hold_out(data, val_images)
+        data, split = Data(held.train, held.val, held.info, held.source, held.extra, val=held.val), "validation"
     import torch
 
     torch.manual_seed(seed)  # the same initial weights in every process and every run with this seed
@@ -107,14 +115,16 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
                         trust_source=trust_source, weights=weights_file, pretrained=pretrained)
     started = weights_source(weights_file, pretrained)
     with train_progress() as progress:
-        result = Trainer(config, TrainProgress(progress, rank)).fit(gm, data, out_path, resume=resume)
+        result = Trainer(config, TrainProgress(progress, rank, split)).fit(gm, data, out_path, resume=resume)
     if rank == 0:
         final = result.final
+        # the history's per-epoch "test_accuracy" was read on curve_split (validation with --val-images)
+        held_out = {"curve_split": split, "val_images": val_images}
         save(gm, out_path, info={"training": config.to_dict(), "data": data.info.to_dict(), "history": result.history,
-                                 **({"initial_weights": started} if started else {})})
+                                 **held_out, **({"initial_weights": started} if started else {})})
         report_json(model=model, out=out_path, data=data.info.to_dict(), training=config.to_dict(),
-                    history=result.history, final=final, seconds=result.seconds)
-        console.print(f"trained {len(result.history)} epochs in {result.seconds:.1f}s: test accuracy "
+                    history=result.history, final=final, seconds=result.seconds, **held_out)
+        console.print(f"trained {len(result.history)} epochs in {result.seconds:.1f}s: {split} accuracy "
                       f"{final.get('test_accuracy', float('nan')):.2%}, train loss {final.get('train_loss', float('nan')):.4f}; "
                       f"wrote [bold]{out_path}[/]", highlight=False)
 
