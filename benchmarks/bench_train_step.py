@@ -57,15 +57,17 @@ MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU bat
 }
 
 
-def variant_names(styles: list[str] | None = None, explicit: bool = True) -> list[str]:
-    """Adam, SAM, and each style (all registered ones by default) explicit and, where it trains online, online."""
+def variant_names(styles: list[str] | None = None, explicit: bool = True,
+                  cost_models: list[int] | None = None) -> list[str]:
+    """Adam, SAM, and each style (all registered ones by default) explicit and, where it trains online, online;
+    with ``cost_models``, each online style once per budget cost model (``snt linear online cm2``)."""
     names = ["adam", "sam"]
     for style in styles or style_names():
         online = get_style(style).trains_online
         if explicit or not online:
             names.append(f"snt {style} explicit")
         if online:
-            names.append(f"snt {style} online")
+            names += [f"snt {style} online cm{k}" for k in cost_models] if cost_models else [f"snt {style} online"]
     return names
 
 
@@ -76,10 +78,19 @@ def build(model_name: str, variant: str, device: torch.device, batch: int = 128,
     base = sntfx.build_model(spec, **kwargs)
     x = torch.zeros(2, *shape)
     if variant.startswith("snt "):
-        _, style, form = variant.split(" ")
+        _, style, form, *cost_model = variant.split(" ")
         extra = {} if budget == "default" else {"budget": budget}
         extra |= {} if memory_budget == "default" else {"memory_budget": memory_budget}
-        model = sntfx.transform(base, x, style=style, batch_size=batch, **extra)
+        if cost_model:  # the snt pass with a given budget cost model (sntfx.transform uses the default one)
+            from sntfx.pass_base import PassContext
+            from sntfx.pass_manager import PassManager
+            from sntfx.pipelines import canonical_passes
+
+            passes = canonical_passes("before-training", snt=dict(style=style, batch_size=batch,
+                                                                  cost_model=int(cost_model[0][2:]), **extra))
+            model = PassManager(passes).run(sntfx.trace(base, x), PassContext(example_inputs=(x,), seed=0)).graph_module
+        else:
+            model = sntfx.transform(base, x, style=style, batch_size=batch, **extra)
         set_online_fold(model, form == "online")
     else:
         model = sntfx.trace(base, x)
@@ -231,6 +242,9 @@ def main() -> None:
                         help="the snt pass's training-cost budget (a fraction, or 'none'); default: the pass's default")
     parser.add_argument("--memory-budget", type=_budget, default="default",
                         help="the snt pass's training-memory budget (a fraction, or 'none'); default: the pass's")
+    parser.add_argument("--cost-models", default=None,
+                        help="comma-separated budget cost models (e.g. 2,3): each online style once per model, "
+                             "in the same rounds (default: the snt pass's own)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="measure memory alone, no timing")
     parser.add_argument("--out", default="bench-results/train_step.json")
@@ -251,7 +265,10 @@ def main() -> None:
     bad = sorted(set(styles or ()) - set(style_names()))
     if bad:
         parser.error(f"unknown style(s) {bad}; choose from {', '.join(style_names())}")
-    variants = variant_names(styles, explicit=not args.online_only)
+    cost_models = [int(k) for k in args.cost_models.split(",")] if args.cost_models else None
+    if cost_models and not set(cost_models) <= {1, 2, 3}:
+        parser.error(f"unknown cost model(s) in {args.cost_models}; the snt pass has 1, 2 and 3")
+    variants = variant_names(styles, explicit=not args.online_only, cost_models=cost_models)
     print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved "
           f"rounds x {args.steps} steps; x Adam: median of the per-round ratios (quartiles beside it)", flush=True)
     results = {}
