@@ -33,7 +33,7 @@ import gzip
 import logging
 import pickle
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class ImageTensorDataset(Dataset):
     def __getitem__(self, i: int):
         x = self.images[i].float().div_(255.0)
         if self.train and self.info.augment != "none":
-            x = _augment(x, self.info.augment, self._sample_seed(i))
+            x = _augment_batch(x[None], self.info.augment, [self._sample_seed(i)])[0]
         return (x - self._mean) / self._std, self.labels[i]
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -139,16 +139,9 @@ def _augment_draws(kind: str, seed: int, pad: int, gen: torch.Generator) -> tupl
     return dy, dx, flip
 
 
-def _augment(x: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    pad = _augment_pad(h, w)
-    dy, dx, flip = _augment_draws(kind, seed, pad, torch.Generator())
-    x = torch.nn.functional.pad(x, (pad, pad, pad, pad))[:, dy:dy + h, dx:dx + w]
-    return x.flip(-1) if flip else x
-
-
 def _augment_batch(x: torch.Tensor, kind: str, seeds: list[int]) -> torch.Tensor:
-    """:func:`_augment` of each image of ``x`` (``(B, C, H, W)``) with its seed, as one gather."""
+    """Each image of ``x`` (``(B, C, H, W)``) padded, cropped at its seed's offsets and flipped if its seed says so,
+    as one gather."""
     b, c, h, w = x.shape
     pad = _augment_pad(h, w)
     gen = torch.Generator()
@@ -169,6 +162,10 @@ class Data:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     val: Dataset | None = None  # held out from the training split by :func:`hold_out`
+
+    def evaluated_on(self, name: str) -> Data:
+        """This data with its ``"val"`` or ``"test"`` split as ``test``, the split trainers and sweeps read."""
+        return replace(self, test=self.split(name))
 
     def split(self, name: str) -> Dataset:
         """The ``"val"`` or ``"test"`` split; a clear error when no validation split was held out."""

@@ -50,3 +50,31 @@ def _well_formed_passes():
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def test_split_reads(monkeypatch) -> dict[str, int]:
+    """Counts the test-split images read from any dataset loaded through ``sntfx.data.load_data`` (``["test"]``)."""
+    import sntfx.data
+
+    real, reads = sntfx.data.load_data, {"test": 0}
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            reads["test"] += 1
+            return self.inner[i]
+
+    def load(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.test = Counting(data.test)
+        return data
+
+    monkeypatch.setattr(sntfx.data, "load_data", load)
+    return reads
+

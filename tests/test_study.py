@@ -134,30 +134,9 @@ def test_primary_scores_average_their_preregistered_settings_per_seed():
         assert s["ci95"][0] < s["mean"] < s["ci95"][1]
 
 
-def test_validation_split_is_chosen_on_and_the_test_split_read_only_when_asked(tmp_path, monkeypatch):
+def test_validation_split_is_chosen_on_and_the_test_split_read_only_when_asked(tmp_path, test_split_reads):
     """evaluate_on=val never reads a test image (training curve included); switching to test keeps the training."""
-    import sntfx.data
-
-    real = sntfx.data.load_data
-    reads = {"test": 0}
-
-    class Counting(torch.utils.data.Dataset):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __getitem__(self, i):
-            reads["test"] += 1
-            return self.inner[i]
-
-    def load(*args, **kwargs):
-        data = real(*args, **kwargs)
-        data.test = Counting(data.test)
-        return data
-
-    monkeypatch.setattr(sntfx.data, "load_data", load)
+    reads = test_split_reads
     config = StudyConfig(**{**TINY, "eval_images": None}, methods=["adam", "snt-linear"], seeds=[0], onnx=False,
                          val_images=100, evaluate_on="val")
     results = Study(config, tmp_path).run()

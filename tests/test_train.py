@@ -175,29 +175,9 @@ def test_cli_train_errors(tmp_path):
     assert res.exit_code == 2 and "is the input file" in res.output
 
 
-def test_cli_train_with_a_validation_split_reports_on_it_and_never_reads_the_test_split(tmp_path, monkeypatch):
+def test_cli_train_with_a_validation_split_reports_on_it_and_never_reads_the_test_split(tmp_path, test_split_reads):
     """--val-images N: per-epoch accuracy on N held-out training images, recorded as such; no test image is read."""
-    import sntfx.data
-
-    real, reads = sntfx.data.load_data, {"test": 0}
-
-    class Counting(torch.utils.data.Dataset):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __getitem__(self, i):
-            reads["test"] += 1
-            return self.inner[i]
-
-    def load(*args, **kwargs):
-        data = real(*args, **kwargs)
-        data.test = Counting(data.test)
-        return data
-
-    monkeypatch.setattr(sntfx.data, "load_data", load)
+    reads = test_split_reads
     runner, out, report = CliRunner(), tmp_path / "m.pt", tmp_path / "r.json"
     res = runner.invoke(cli, ["train", "sntfx:cnn", "--data", "digits", "--out", str(out), "--epochs", "2",
                               "--batch-size", "64", "--val-images", "300", "--json", str(report)])

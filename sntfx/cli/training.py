@@ -76,7 +76,7 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     Launch with torchrun for DistributedDataParallel:
     torchrun --nproc_per_node=N -m sntfx train ...
     """
-    from ..data import Data, hold_out, load_data
+    from ..data import hold_out, load_data
     from ..io import check_output_path
     from ..serialization import save
     from ..train import TrainConfig, Trainer, _dist_info, init_distributed, resolve_device, shutdown_distributed
@@ -106,8 +106,7 @@ def train(model, data_name, data_dir, epochs, out, optimizer, sam_base, rho, ada
     data = load_data(data_name, data_dir=data_dir, seed=seed)
     split = "test"
     if val_images:  # the trainer reports on data.test: hand it the validation split instead
-        held = hold_out(data, val_images)
-        data, split = Data(held.train, held.val, held.info, held.source, held.extra, val=held.val), "validation"
+        data, split = hold_out(data, val_images).evaluated_on("val"), "validation"
     import torch
 
     torch.manual_seed(seed)  # the same initial weights in every process and every run with this seed

@@ -243,19 +243,14 @@ class Study:
     def eval_data(self):
         """The data the measurement stages read: its ``test`` is the split they measure (``evaluate_on``, or the
         sealed test split)."""
-        from ..data import Data
-
-        d = self.data
-        return Data(d.train, d.split(self.split), d.info, d.source, d.extra, val=d.val)
+        return self.data.evaluated_on(self.split)
 
     @property
     def curve_data(self):
         """What training reports its per-epoch accuracy on: the validation split when there is one, never the
         test split it would otherwise read before any choice is made."""
-        from ..data import Data
-
         d = self.data
-        return d if d.val is None else Data(d.train, d.val, d.info, d.source, d.extra, val=d.val)
+        return d if d.val is None else d.evaluated_on("val")
 
     def _steps_per_epoch(self) -> int:
         n = len(self.data.train) // self.config.batch_size
