@@ -81,16 +81,8 @@ def build(model_name: str, variant: str, device: torch.device, batch: int = 128,
         _, style, form, *cost_model = variant.split(" ")
         extra = {} if budget == "default" else {"budget": budget}
         extra |= {} if memory_budget == "default" else {"memory_budget": memory_budget}
-        if cost_model:  # the snt pass with a given budget cost model (sntfx.transform uses the default one)
-            from sntfx.pass_base import PassContext
-            from sntfx.pass_manager import PassManager
-            from sntfx.pipelines import canonical_passes
-
-            passes = canonical_passes("before-training", snt=dict(style=style, batch_size=batch,
-                                                                  cost_model=int(cost_model[0][2:]), **extra))
-            model = PassManager(passes).run(sntfx.trace(base, x), PassContext(example_inputs=(x,), seed=0)).graph_module
-        else:
-            model = sntfx.transform(base, x, style=style, batch_size=batch, **extra)
+        extra |= {"cost_model": int(cost_model[0][2:])} if cost_model else {}  # else the snt pass's default
+        model = sntfx.transform(base, x, style=style, batch_size=batch, **extra)
         set_online_fold(model, form == "online")
     else:
         model = sntfx.trace(base, x)

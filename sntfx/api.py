@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,9 @@ def trace(
     ``example_inputs`` the spec's default input is used. A spec starts from
     ``weights`` or the ``pretrained`` weights when given (see :func:`build_model`).
 
+    The GraphModule holds ``model``'s own submodules, as ``torch.fx`` does
+    (:func:`transform` copies a module first).
+
     Example::
 
         gm = sntfx.trace("sntfx:resnet20", torch.randn(1, 3, 32, 32))
@@ -97,6 +101,7 @@ def transform(
     budget: float | None = DEFAULT_BUDGET,
     batch_size: int = DEFAULT_BATCH,
     memory_budget: float | None = DEFAULT_MEMORY_BUDGET,
+    cost_model: int | None = None,
 ) -> fx.GraphModule | tuple[fx.GraphModule, PipelineReport]:
     """Trace and expand every eligible layer into an SNT block (the ``snt`` pass).
 
@@ -110,7 +115,10 @@ def transform(
         seed: initialisation seed.
         check: with ``preserve=True``, verify the outputs are unchanged.
         report: also return the :class:`~sntfx.pass_manager.PipelineReport`.
-        inplace: when ``model`` is already a GraphModule, expand it instead of a copy.
+        inplace: expand ``model`` itself instead of a copy (a GraphModule from :func:`trace`), or trace
+            ``model`` without copying it first (an ``nn.Module``: the SNT model then shares the layers it
+            leaves plain, its norms and buffers with ``model``, so training one changes the other). By
+            default ``model`` is left as it was, whatever happens to the result.
         weights / pretrained: a spec's initial weights (see :func:`build_model`).
         budget / batch_size: the most that online training (composing kernels, updating the extra
             parameters) may add to a step, as a fraction of the plain layers' multiply-adds at
@@ -118,6 +126,8 @@ def transform(
             (None: expand every eligible layer). See the ``snt`` pass.
         memory_budget: with ``budget``, the most the blocks may add to a training step's memory, as a
             fraction of the plain model's at ``batch_size`` (None: no memory limit).
+        cost_model: how ``budget`` reckons a block's extra work (1, 2 or 3; None: the snt pass's default,
+            ``sntfx.passes.snt_expand.COST_MODEL``). Recipes record it, so a saved model reloads the same way.
 
     Example::
 
@@ -128,11 +138,21 @@ def transform(
     given = isinstance(model, fx.GraphModule) and "sntfx" in model.meta
     if given and (weights is not None or pretrained):
         raise SntfxError("weights= and pretrained= apply when the model is a spec; this GraphModule has its weights")
+    if not given and isinstance(model, nn.Module) and not inplace:
+        # tracing keeps the model's submodules (as torch.fx does): without a copy, training the SNT model
+        # would change the plain layers, norms and buffers of the caller's model
+        try:
+            model = copy.deepcopy(model)
+        except Exception as exc:  # noqa: BLE001 - any module that cannot be copied
+            raise SntfxError(f"cannot copy {type(model).__name__} before transforming it ({exc}); pass inplace=True "
+                             "to transform it without a copy (the SNT model then shares the layers it leaves "
+                             "plain, and the norms, with it)") from exc
     gm = model if given else trace(model, example_inputs, weights=weights, pretrained=pretrained)
     inputs = as_input_tuple(example_inputs) or _recorded_inputs(gm)
     passes = canonical_passes("before-training", snt=dict(style=style, ratio=ratio, policy=policy, preserve=preserve,
                                                           online=online, seed=seed, budget=budget,
-                                                          batch_size=batch_size, memory_budget=memory_budget))
+                                                          batch_size=batch_size, memory_budget=memory_budget)
+                                | ({} if cost_model is None else {"cost_model": cost_model}))
     result = PassManager(passes, check=check).run(gm, PassContext(example_inputs=inputs, seed=seed),
                                                     inplace=inplace or not given)
     return (result.graph_module, result) if report else result.graph_module

@@ -192,6 +192,36 @@ def test_transform_and_fold_do_not_touch_their_input():
     assert not any(isinstance(m, SNTBlock) for m in folded.modules())
 
 
+def test_training_the_snt_model_leaves_the_users_module_as_it_was():
+    """transform copies an nn.Module before tracing it: a training step of the SNT model (its optimizer step on
+    the layers the budget left plain, its norms' running statistics) changes nothing of the caller's module.
+    With inplace=True the two share what was not expanded, as the docstring says."""
+    import threading
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    model = ConvNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def train_step(snt):
+        snt.train()
+        opt = torch.optim.Adam(snt.parameters(), lr=0.1)
+        snt(x).square().mean().backward()
+        opt.step()
+
+    snt = sntfx.transform(model, x, style="linear", policy=Policy(exclude=("fc",)))
+    assert isinstance(snt.get_submodule("fc"), nn.Linear)  # left plain: trained as is
+    train_step(snt)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    shared = sntfx.transform(model, x, style="linear", inplace=True,
+                             policy=Policy(exclude=("fc",)))
+    train_step(shared)
+    assert not torch.equal(model.fc.weight, before["fc.weight"])  # the plain layer is the caller's own
+    model.lock = threading.Lock()  # a module that cannot be deep-copied
+    with pytest.raises(sntfx.SntfxError, match="inplace=True"):
+        sntfx.transform(model, x)
+
+
 def test_fold_with_batchnorm_removes_every_batchnorm_exactly():
     torch.manual_seed(0)
     x = torch.randn(4, 2, 16)
@@ -323,6 +353,12 @@ def test_budget_counts_elementwise_work_as_memory_bound_passes():
     old = PassManager([SNTExpand(style="powerprop", budget=0.01, cost_model=1)]).run(
         sntfx.trace(model, x), PassContext(example_inputs=(x,))).graph_module
     assert isinstance(old.wide, PowerPropagation)
+    # sntfx.transform takes the cost model too, and the recipe records it
+    api_old = sntfx.transform(model, x, style="powerprop", budget=0.01, batch_size=128, cost_model=1)
+    assert isinstance(api_old.wide, PowerPropagation)
+    assert next(p for p in api_old.meta["sntfx"]["pipeline"] if p["name"] == "snt")["params"]["cost_model"] == 1
+    with pytest.raises(ValueError, match="cost_model"):
+        sntfx.transform(model, x, style="powerprop", cost_model=5)
     nothing = sntfx.transform(model, x, style="powerprop", budget=0.0)
     assert isinstance(nothing.narrow, PowerPropagation) and isinstance(nothing.wide, nn.Conv2d)
     # lin-branch's extra branches are parameters the optimizer updates every step
