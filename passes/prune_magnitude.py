@@ -17,14 +17,14 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import CALIBRATION, check_exclude, check_fraction, reestimate_batchnorm, select_layers
+from sntfx.compress_utils import CALIBRATION, LayerSelection, check_fraction, reestimate_batchnorm
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["MagnitudePrune"]
 
 
 @register_pass
-class MagnitudePrune(Pass):
+class MagnitudePrune(LayerSelection, Pass):
     """Zero the smallest weights to reach ``sparsity``.
 
     Args:
@@ -43,26 +43,23 @@ class MagnitudePrune(Pass):
         self.sparsity = check_fraction(sparsity, "sparsity")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        self.scope, self.exclude_first, self.exclude_last = scope, bool(exclude_first), bool(exclude_last)
-        self.recalibrate_bn, self.exclude = bool(recalibrate_bn), check_exclude(exclude)
+        self.scope, self.recalibrate_bn = scope, bool(recalibrate_bn)
+        self._select_options(exclude_first, exclude_last, exclude)
 
     @property
     def numerics(self) -> Numerics:
         return Numerics.CHANGES if self.sparsity > 0 else Numerics.EXACT
 
     def params(self):
-        return {"sparsity": self.sparsity, "scope": self.scope, "exclude_first": self.exclude_first,
-                "exclude_last": self.exclude_last, "recalibrate_bn": self.recalibrate_bn, "exclude": list(self.exclude)}
+        return {"sparsity": self.sparsity, "scope": self.scope, "recalibrate_bn": self.recalibrate_bn,
+                **self.selection_params()}
 
     def check(self, ctx: PassContext) -> str | None:
         return CALIBRATION if self.recalibrate_bn and not ctx.calibration else None
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
-                                         exclude_last=self.exclude_last)
         stats: Counter = Counter()
-        if excluded:
-            stats["excluded layers"] = len(excluded)
+        layers, excluded = self.selected_layers(gm, stats)
         if not layers or self.sparsity == 0:
             return PassResult(gm, False, stats, {"excluded": excluded})
         with torch.no_grad():

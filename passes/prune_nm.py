@@ -15,7 +15,7 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import CALIBRATION, check_exclude, nm_mask, reestimate_batchnorm, select_layers
+from sntfx.compress_utils import CALIBRATION, LayerSelection, nm_mask, reestimate_batchnorm
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["NMPrune", "nm_groups"]
@@ -30,7 +30,7 @@ def nm_groups(weight: torch.Tensor, m: int) -> torch.Tensor:
 
 
 @register_pass
-class NMPrune(Pass):
+class NMPrune(LayerSelection, Pass):
     """Keep ``n`` of every ``m`` consecutive input weights."""
 
     name = "prune_nm"
@@ -41,8 +41,8 @@ class NMPrune(Pass):
         if not (isinstance(n, int) and isinstance(m, int)) or n < 1 or m < 2 or n >= m:
             raise ValueError(f"N:M sparsity needs integers 1 <= N < M, got {n}:{m}")
         self.n, self.m = n, m
-        self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
-        self.recalibrate_bn, self.exclude = bool(recalibrate_bn), check_exclude(exclude)
+        self.recalibrate_bn = bool(recalibrate_bn)
+        self._select_options(exclude_first, exclude_last, exclude)
 
     @staticmethod
     def parse_pattern(text: str) -> tuple[int, int]:
@@ -60,18 +60,14 @@ class NMPrune(Pass):
         return Numerics.CHANGES
 
     def params(self):
-        return {"n": self.n, "m": self.m, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last,
-                "recalibrate_bn": self.recalibrate_bn, "exclude": list(self.exclude)}
+        return {"n": self.n, "m": self.m, "recalibrate_bn": self.recalibrate_bn, **self.selection_params()}
 
     def check(self, ctx: PassContext) -> str | None:
         return CALIBRATION if self.recalibrate_bn and not ctx.calibration else None
 
     def run(self, gm, ctx: PassContext) -> PassResult:
         stats: Counter = Counter()
-        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
-                                         exclude_last=self.exclude_last)
-        if excluded:
-            stats["excluded layers"] = len(excluded)
+        layers, excluded = self.selected_layers(gm, stats)
         for name, layer in layers:
             in_per_group = layer.weight.shape[1]
             if in_per_group % self.m:

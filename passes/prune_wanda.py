@@ -27,14 +27,14 @@ from collections import Counter
 
 import torch
 
-from sntfx.compress_utils import (CALIBRATION, check_exclude, check_fraction, input_feature_norms, keep_top, nm_mask,
-                                  reestimate_batchnorm, select_layers)
+from sntfx.compress_utils import (CALIBRATION, LayerSelection, check_fraction, input_feature_norms, keep_top,
+                                  nm_mask, reestimate_batchnorm)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["WandaPrune"]
 
 @register_pass
-class WandaPrune(Pass):
+class WandaPrune(LayerSelection, Pass):
     """Zero the weights with the lowest ``|W| * ||X||`` (activation-aware, no retraining).
 
     Args:
@@ -67,8 +67,7 @@ class WandaPrune(Pass):
             raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
         self.pattern = None if pattern is None else f"{self.n}:{self.m}"
         self.scope, self.recalibrate_bn = scope, bool(recalibrate_bn)
-        self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
-        self.exclude = check_exclude(exclude)
+        self._select_options(exclude_first, exclude_last, exclude)
 
     @property
     def numerics(self) -> Numerics:
@@ -76,18 +75,14 @@ class WandaPrune(Pass):
 
     def params(self):
         return {"sparsity": self.sparsity, "pattern": self.pattern, "scope": self.scope,
-                "recalibrate_bn": self.recalibrate_bn, "exclude_first": self.exclude_first,
-                "exclude_last": self.exclude_last, "exclude": list(self.exclude)}
+                "recalibrate_bn": self.recalibrate_bn, **self.selection_params()}
 
     def check(self, ctx: PassContext) -> str | None:
         return None if ctx.calibration else CALIBRATION
 
     def run(self, gm, ctx: PassContext) -> PassResult:
-        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
-                                         exclude_last=self.exclude_last)
         stats: Counter = Counter()
-        if excluded:
-            stats["excluded layers"] = len(excluded)
+        layers, excluded = self.selected_layers(gm, stats)
         norms = input_feature_norms(gm, layers, ctx.calibration)
         info: dict = {"layers": {}, "excluded": excluded}
         with torch.no_grad():

@@ -41,7 +41,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from sntfx.compress_utils import check_exclude, select_layers
+from sntfx.compress_utils import LayerSelection
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.quant import ACT_METHODS, ActQuant, fake_quant_weight
 from sntfx.tracing import sntfx_meta
@@ -55,7 +55,7 @@ def _check_bits(bits, what: str, low: int = 2) -> None:
 
 
 @register_pass
-class SimulatedQuantize(Pass):
+class SimulatedQuantize(LayerSelection, Pass):
     """Fake-quantize weights (and optionally activations) of conv/linear layers."""
 
     name = "quantize"
@@ -78,8 +78,8 @@ class SimulatedQuantize(Pass):
         if act_method not in ACT_METHODS:
             raise ValueError(f"act_method must be one of {', '.join(ACT_METHODS)}, got {act_method!r}")
         self.wbits, self.abits, self.granularity, self.method = wbits, abits, granularity, method
-        self.act_method, self.exclude_first, self.exclude_last = act_method, bool(exclude_first), bool(exclude_last)
-        self.exclude = check_exclude(exclude)
+        self.act_method = act_method
+        self._select_options(exclude_first, exclude_last, exclude)
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
         self.scheme = scheme
@@ -90,8 +90,7 @@ class SimulatedQuantize(Pass):
 
     def params(self):
         return {"wbits": self.wbits, "abits": self.abits, "granularity": self.granularity, "method": self.method,
-                "act_method": self.act_method, "exclude_first": self.exclude_first, "exclude_last": self.exclude_last,
-                "exclude": list(self.exclude), "scheme": self.scheme}
+                "act_method": self.act_method, **self.selection_params(), "scheme": self.scheme}
 
     def check(self, ctx: PassContext) -> str | None:
         if self.abits is not None and not ctx.calibration:
@@ -101,11 +100,8 @@ class SimulatedQuantize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         folded = self._fold_batchnorm(gm, ctx, replay=False)
-        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
-                                         exclude_last=self.exclude_last)
         stats: Counter = Counter()
-        if excluded:
-            stats["excluded layers"] = len(excluded)
+        layers, excluded = self.selected_layers(gm, stats)
         if folded:
             stats["batchnorms folded"] = folded
         info: dict = {"layers": {}, "excluded": excluded}
@@ -128,8 +124,7 @@ class SimulatedQuantize(Pass):
         """Weights and calibrated ranges come from the file: only the activation quantizers are re-inserted."""
         stats: Counter = Counter()
         self._fold_batchnorm(gm, ctx, replay=True)
-        layers, _ = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
-                                  exclude_last=self.exclude_last)
+        layers, _ = self.selected_layers(gm)
         self._record(gm, [n for n, _ in layers])
         if self.abits is not None:
             stats["activation quantizers"] = len(self._insert_act_quant(gm, [n for n, _ in layers]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from .blocks.base import LAYER_CLASSES, LAYER_TYPES
 from .graph_utils import is_plain
 
-__all__ = ["prunable_layers", "check_fraction", "check_exclude", "select_layers"]
+__all__ = ["prunable_layers", "check_fraction", "check_exclude", "select_layers", "LayerSelection"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,48 @@ def select_layers(gm: fx.GraphModule, *, exclude: Sequence[str] = (), exclude_fi
         log.warning("exclude pattern '%s' matches no conv/linear layer", p)
     excluded = [n for n, _ in layers if any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     return [(n, m) for n, m in layers if n not in excluded], excluded
+
+
+class LayerSelection:
+    """The layer-selection options every compression pass shares: ``exclude_first``, ``exclude_last``, ``exclude``.
+
+    A pass mixes it in, calls :meth:`_select_options` from its ``__init__``,
+    adds :meth:`selection_params` to its ``params()`` (so recipes replay the
+    same selection) and takes its layers from :meth:`selected_layers`::
+
+        class MyPrune(LayerSelection, Pass):
+            def __init__(self, amount=0.5, exclude_first=False, exclude_last=False, exclude=None):
+                self.amount = amount
+                self._select_options(exclude_first, exclude_last, exclude)
+
+            def params(self):
+                return {"amount": self.amount, **self.selection_params()}
+
+            def run(self, gm, ctx):
+                stats = Counter()
+                layers, excluded = self.selected_layers(gm, stats)
+                ...
+    """
+
+    exclude_first: bool = False
+    exclude_last: bool = False
+    exclude: tuple[str, ...] = ()
+
+    def _select_options(self, exclude_first: bool = False, exclude_last: bool = False, exclude=None) -> None:
+        self.exclude_first, self.exclude_last = bool(exclude_first), bool(exclude_last)
+        self.exclude = check_exclude(exclude)
+
+    def selection_params(self) -> dict:
+        return {"exclude_first": self.exclude_first, "exclude_last": self.exclude_last, "exclude": list(self.exclude)}
+
+    def selected_layers(self, gm: fx.GraphModule, stats: Counter | None = None
+                        ) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        """:func:`select_layers` with this pass's options; counts ``excluded layers`` in ``stats`` when given."""
+        layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
+                                         exclude_last=self.exclude_last)
+        if stats is not None and excluded:
+            stats["excluded layers"] = len(excluded)
+        return layers, excluded
 
 
 #: What a pass that calibrates asks for when the context has no calibration data.

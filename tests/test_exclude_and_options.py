@@ -51,6 +51,49 @@ def test_excluded_layers_are_left_alone_and_reported(make):
     assert res.stats["excluded layers"] == 1 and res.info["excluded"] == [first]
 
 
+def test_a_new_compression_pass_gets_the_shared_layer_selection_from_the_mixin():
+    """A pass written as LayerSelection's docstring says selects, counts and records like the built-in ones."""
+    from collections import Counter
+
+    from sntfx.compress_utils import LayerSelection
+    from sntfx.pass_base import Pass, PassResult
+
+    class Halve(LayerSelection, Pass):
+        name = "halve_for_test"  # not registered: PassManager takes instances
+
+        def __init__(self, exclude_first=False, exclude_last=False, exclude=None):
+            self._select_options(exclude_first, exclude_last, exclude)
+
+        def params(self):
+            return {**self.selection_params()}
+
+        def run(self, gm, ctx):
+            stats = Counter()
+            layers, excluded = self.selected_layers(gm, stats)
+            with torch.no_grad():
+                for _, m in layers:
+                    m.weight.mul_(0.5)
+            stats["halved"] = len(layers)
+            return PassResult(gm, bool(layers), stats, {"excluded": excluded})
+
+    gm = _model()
+    before = _layers(gm)
+    names = list(before)
+    assert len(names) >= 3
+    p = Halve(exclude_last=True, exclude=[names[1]])
+    assert p.params() == {"exclude_first": False, "exclude_last": True, "exclude": [names[1]]}
+    report = sntfx.PassManager([p]).run(gm, PassContext(example_inputs=(X,)), inplace=False)
+    after = _layers(report.graph_module)
+    halved = [n for n in names if torch.allclose(after[n], before[n] * 0.5) and not torch.equal(after[n], before[n])]
+    assert halved == [n for n in names if n not in (names[1], names[-1])]
+    assert report.passes[0].stats["excluded layers"] == 1 and report.passes[0].info["excluded"] == [names[1]]
+    with pytest.raises(ValueError, match="glob"):
+        Halve(exclude=[3])
+    # the built-in passes record the same three options
+    for built_in in (MagnitudePrune(0.5), WandaPrune(0.5), NMPrune(2, 4), SimulatedQuantize(wbits=4)):
+        assert {"exclude_first", "exclude_last", "exclude"} <= set(built_in.params())
+
+
 def test_structured_pruning_keeps_the_channels_of_excluded_layers():
     gm = _model()
     first = next(iter(_layers(gm)))
