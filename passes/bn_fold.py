@@ -21,12 +21,14 @@ Numerics: exact. Runs in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from sntfx.blocks.base import LayerConfig
 from sntfx.graph_utils import call_sites, is_plain, output_shape, set_module
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
@@ -102,22 +104,5 @@ def _fused(layer: nn.Module, bn: nn.Module) -> nn.Module:
     shift = bn.bias.double() if bn.bias is not None else torch.zeros_like(s)
     new_w = w * s.reshape(-1, *([1] * (w.dim() - 1)))
     new_b = (b - bn.running_mean.double()) * s + shift
-    if isinstance(layer, nn.Linear):
-        fused = nn.Linear(layer.in_features, layer.out_features, bias=True)
-    else:
-        fused = type(layer)(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
-            groups=layer.groups,
-            bias=True,
-            padding_mode=layer.padding_mode,
-        )
-    fused = fused.to(device=layer.weight.device, dtype=layer.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(new_w)
-        fused.bias.copy_(new_b)
-    return fused
+    dtype = layer.weight.dtype
+    return dataclasses.replace(LayerConfig.from_module(layer), bias=True).build(new_w.to(dtype), new_b.to(dtype))
