@@ -40,7 +40,8 @@ from typing import Any
 
 from sntfx.blocks import get_style
 from sntfx.study.config import Method
-from sntfx.study.stats import PRIMARY_SCORES
+from sntfx.errors import SntfxError
+from sntfx.study.stats import PRIMARY_SCORES, read_validation_results
 
 ADAM_LOSS = 0.05  # settings where Adam loses at least this much from its float accuracy
 BEST_GAIN = {"pruning": 0.02, "quantization": 0.054}
@@ -87,11 +88,10 @@ def _helps(stat: dict[str, Any]) -> bool:
 
 
 def load(path: Path) -> dict[str, Any]:
-    results = json.loads(path.read_text())
-    split = results["config"].get("evaluate_on", "test")
-    if split != "val":
-        sys.exit(f"{path}: evaluated on the {split} split; the default is chosen on validation")
-    return results
+    try:
+        return read_validation_results(path, "the default")
+    except SntfxError as e:
+        sys.exit(str(e))
 
 
 def step_costs(path: Path | None) -> dict[str, dict[str, float]]:

@@ -15,19 +15,20 @@ schedule is chosen on validation.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from sntfx.errors import SntfxError
+from sntfx.study.stats import read_validation_results
+
 
 def adam_curves(path: Path) -> dict[str, list[float]]:
     """{model: Adam's validation accuracy after each epoch, mean over its seeds} from one results file."""
-    results = json.loads(path.read_text())
-    split = results["config"].get("evaluate_on", "test")
-    if split != "val":
-        sys.exit(f"{path}: evaluated on the {split} split; the schedule is chosen on validation "
-                 "(evaluate_on = \"val\")")
+    try:
+        results = read_validation_results(path, "the schedule")
+    except SntfxError as e:
+        sys.exit(str(e))
     per_seed: dict[str, list[list[float]]] = {}
     for run in results["runs"]:
         history = (run.get("train") or {}).get("history") or []

@@ -15,21 +15,22 @@ validation.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 from sntfx.blocks import get_style
+from sntfx.errors import SntfxError
 from sntfx.study.config import Method
+from sntfx.study.stats import read_validation_results
 
 
 def screen_scores(path: Path) -> dict[str, dict[str, float]]:
     """{method: {score name: mean paired gain over Adam}} over the models of one results file."""
-    results = json.loads(path.read_text())
-    if results["config"].get("evaluate_on", "test") != "val":
-        sys.exit(f"{path}: evaluated on the {results['config'].get('evaluate_on', 'test')} split; candidates are "
-                 "chosen on validation (evaluate_on = \"val\")")
+    try:
+        results = read_validation_results(path, "a candidate")
+    except SntfxError as e:
+        sys.exit(str(e))
     out: dict[str, dict[str, list[float]]] = {}
     for model, summary in results["summary"].items():
         for method, scores in summary.get("primary_scores", {}).items():

@@ -90,6 +90,32 @@ def test_summary_statistics_are_paired_by_seed():
         [b[0] - a[0] for a, b in zip(adam, snt)]))
     assert summary["metrics"]["snt-linear"]["epoch_time_vs_adam"]["mean"] == pytest.approx(1.1)
     assert "W4" not in summary["gains_over_adam"].get("adam", {})
+    # the mechanism measurements are paired the same way (the fake records' top eigenvalue is 10 x float accuracy)
+    eig = summary["mechanism_vs_adam"]["snt-linear"]["sharpness:top_eigenvalue"]
+    eig_diffs = [10.0 * (b[0] - a[0]) for a, b in zip(adam, snt)]
+    assert (eig["mean"], eig["std"], eig["n"]) == pytest.approx((statistics.fmean(eig_diffs),
+                                                                 statistics.stdev(eig_diffs), 3))
+    assert eig["ci95"][0] < eig["mean"] < eig["ci95"][1]
+    assert summary["mechanism_vs_adam"]["snt-linear"]["sharpness:loss"]["mean"] == pytest.approx(0.0)
+    assert "adam" not in summary["mechanism_vs_adam"] and "float" not in summary["mechanism_vs_adam"]["snt-linear"]
+
+
+def test_the_report_marks_mechanism_differences_whose_interval_excludes_zero():
+    from sntfx.study import confidence_interval
+    from sntfx.study.report import _mechanism_differences
+
+    def stat(mean, std, n):
+        return {"mean": mean, "std": std, "n": n, "ci95": confidence_interval(mean, std, n)}
+
+    mechanism = {"snt-a": {"weights:crest_factor": stat(2.0, 0.1, 5), "sharpness:top_eigenvalue": stat(-5.0, 20.0, 5)},
+                 "snt-b": {"weights:crest_factor": stat(0.5, 0.0, 1)}}
+    table = "\n".join(_mechanism_differences(mechanism, ["adam", "snt-a", "snt-b"]))
+    row_a = next(line for line in table.splitlines() if line.startswith("| snt-a"))
+    cells = [c.strip() for c in row_a.strip("|").split("|")]
+    assert cells[1].startswith("-5 [") and not cells[1].endswith("*")  # top eigenvalue: the interval holds zero
+    assert cells[6].startswith("+2 [") and cells[6].endswith("*")  # crest factor: clearly above Adam
+    assert "+0.5 (1 seed)" in table and "n/a" in table
+    assert _mechanism_differences({}, ["adam", "snt-a"]) == []  # results written before the differences
 
 
 def test_confidence_intervals_use_t_over_seeds_and_decide_the_verdict():
@@ -314,14 +340,27 @@ def test_report_has_the_answer_first(tiny_study):
     for plot in PLOTS:
         assert f"plots/sntfx-cnn-{plot}.png" in report
     assert "ONNX Runtime" in report
+    # the mechanism table is followed by its paired differences from Adam, with intervals
+    mechanism = report[report.index("### Mechanism"): report.index("### Training cost")]
+    assert "Paired difference from Adam" in mechanism
+    assert re.search(r"\| snt-linear \| [+-][\d.e+-]+ \[[+-][\d.e+-]+, [+-][\d.e+-]+\]", mechanism), mechanism
 
 
-def test_report_only_redraws_from_results(tiny_study):
+def test_report_only_redraws_from_results(tiny_study, tmp_path):
     out, _ = tiny_study
     (out / "report.md").unlink()
     res = CliRunner().invoke(cli, ["study", "--report-only", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert (out / "report.md").is_file()
+    # a results file written before a statistic existed: the report recomputes the summary from the runs
+    results = json.loads((out / "results.json").read_text())
+    for summary in results["summary"].values():
+        del summary["mechanism_vs_adam"]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    res = CliRunner().invoke(cli, ["study", "--report-only", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "Paired difference from Adam" in (tmp_path / "report.md").read_text()
+    assert "mechanism_vs_adam" not in json.loads((tmp_path / "results.json").read_text())["summary"]["sntfx:cnn"]
 
 
 def test_interrupted_study_resumes_without_redoing_finished_work(tmp_path):

@@ -60,7 +60,8 @@ from .options import BUDGET, NON_NEGATIVE, POSITIVE, TEXT, exclude_option, given
               help="TOML or JSON file setting any study field (sparsities, bits, sharpness_iters, ...); "
                    "command-line options override it, and it overrides the preset.")
 @click.option("--out", "-o", default="study-results", show_default=True, type=click.Path(dir_okay=True, file_okay=False))
-@click.option("--report-only", is_flag=True, help="Redraw report.md and the plots from OUT/results.json.")
+@click.option("--report-only", is_flag=True, help="Redraw report.md and the plots from OUT/results.json (this version's statistics over its runs; "
+                   "nothing is measured again).")
 @click.option("--trust-source", is_flag=True,
               help="Accept --model files (.pt) not saved by you on this machine that rebuild from Python code.")
 def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_size, lr, optimizer, weight_decay, rho,
@@ -78,6 +79,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
     out_dir = Path(out)
     if report_only:
         from ..study import write_report
+        from ..study.stats import resummarize
 
         ctx = click.get_current_context()
         extra = [p.opts[0] for p in ctx.command.params if p.name not in ("report_only", "out") and given(p.name)]
@@ -88,7 +90,7 @@ def study(preset, models, data_name, data_dir, methods, seeds, epochs, batch_siz
         path = out_dir / "results.json"
         if not path.is_file():
             raise SntfxError(f"no results in '{out_dir}' (results.json is missing); run the study first")
-        results = json.loads(path.read_text())
+        results = resummarize(json.loads(path.read_text()))  # this version's statistics over the stored runs
         validate_results(results)
         console.print(f"report: [bold]{write_report(results, out_dir)}[/]")
         return

@@ -57,6 +57,57 @@ def _word(gain: dict) -> str:
     return "helps" if ci[0] > 0 else "hurts" if ci[1] < 0 else "~"
 
 
+#: The mechanism table's columns: metric key, header, and the number format of its value.
+MECHANISM_COLUMNS = (("sharpness:top_eigenvalue", "top eigenvalue", ".4g"),
+                     ("sharpness:hessian_trace", "Hessian trace", ".4g"),
+                     ("sharpness:sam_sharpness", "SAM sharpness (ρ)", ".4g"),
+                     ("sharpness:loss", "loss", ".4g"),
+                     ("weights:kurtosis", "weight kurtosis", ".3g"),
+                     ("weights:crest_factor", "crest factor", ".3g"),
+                     ("weights:zero_at_w4", "zero at W4", ".3f"))
+
+
+def _fixed(value: float, spec: str, sign: str = "") -> str:
+    """``value`` in ``spec`` (e.g. ``.3g``), without exponent notation: 1364.2 as ``1364``, not ``1.36e+03``."""
+    if spec.endswith("g") and abs(value) >= 10 ** int(spec[1:-1]):
+        spec = ".0f"
+    return format(value, sign + spec)
+
+
+def _difference(d: dict | None, spec: str = ".3g") -> str:
+    """``+1.2 [+0.4, +2.0] *`` (the star: the 95% interval excludes zero); ``+1.2 (1 seed)``; ``n/a``."""
+    if not d or d.get("mean") is None:
+        return "n/a"
+    ci = interval(d)
+    if ci is None:
+        return f"{_fixed(d['mean'], spec, '+')} (1 seed)"
+    return (f"{_fixed(d['mean'], spec, '+')} [{_fixed(ci[0], spec, '+')}, {_fixed(ci[1], spec, '+')}]"
+            + (" *" if ci[0] > 0 or ci[1] < 0 else ""))
+
+
+def _mechanism_table(metrics: dict, methods: list[str]) -> list[str]:
+    """Each method's sharpness and folded-weight statistics: mean ± std over seeds."""
+    def cell(s: dict | None, spec: str) -> str:
+        if not s or s.get("mean") is None:
+            return "n/a"
+        text = _fixed(s["mean"], spec)
+        return f"{text} ± {_fixed(s['std'], spec)}" if s["n"] > 1 else text
+
+    rows = [[m] + [cell(metrics[m].get(k), spec) for k, _, spec in MECHANISM_COLUMNS] for m in methods]
+    return _table(["method"] + [name for _, name, _ in MECHANISM_COLUMNS], rows)
+
+
+def _mechanism_differences(mechanism: dict, methods: list[str]) -> list[str]:
+    """The mechanism table's paired differences from Adam, with intervals (results written before them: none)."""
+    rows = [[m] + [_difference(mechanism[m].get(k), spec) for k, _, spec in MECHANISM_COLUMNS]
+            for m in methods if m != "adam" and mechanism.get(m)]
+    if not rows:
+        return []
+    return (["Paired difference from Adam (method minus Adam, per seed): mean [95% CI over seeds]; `*` where the "
+             "interval excludes zero.", ""]
+            + _table(["method"] + [name for _, name, _ in MECHANISM_COLUMNS], rows))
+
+
 def _ci_text(gain: dict) -> str:
     lo, hi = (100 * v for v in interval(gain))
     return f"{100 * gain['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
@@ -200,15 +251,11 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
                   _bit_keys(metrics), lambda k: k)
 
     lines += ["### Mechanism: sharpness and weight distribution of the folded models", ""]
-    rows = [[m] + [_num(metrics[m].get(f"sharpness:{k}"), "{:.4g}") for k in
-                   ("top_eigenvalue", "hessian_trace", "sam_sharpness", "loss")]
-            + [_num(metrics[m].get(f"weights:{k}"), fmt) for k, fmt in
-               (("kurtosis", "{:.3g}"), ("crest_factor", "{:.3g}"), ("zero_at_w4", "{:.3f}"))] for m in methods]
-    lines += _table(["method", "top eigenvalue", "Hessian trace", "SAM sharpness (ρ)", "loss", "weight kurtosis",
-                     "crest factor", "zero at W4"], rows)
+    lines += _mechanism_table(metrics, methods)
     lines += ["Sharpness: of the training loss on fixed training batches. Weights: BatchNorm folded into the layers "
               "(the deployed form); excess kurtosis per layer and per-channel crest factor (max |w| / rms), averaged; "
               "zero at W4: fraction of weights that per-channel 4-bit rounding sets to zero.", ""]
+    lines += _mechanism_differences(summary.get("mechanism_vs_adam") or {}, methods)
 
     lines += ["### Training cost", ""]
     rows = []

@@ -13,8 +13,8 @@ from typing import Any
 from ..errors import SntfxError
 from .config import StudyConfig
 
-__all__ = ["metrics_of", "summarize", "validate_results", "confidence_interval", "PRIMARY_SCORES", "SCHEMA_PATH",
-           "SCHEMA_VERSION"]
+__all__ = ["metrics_of", "summarize", "resummarize", "validate_results", "read_validation_results",
+           "confidence_interval", "PRIMARY_SCORES", "SCHEMA_PATH", "SCHEMA_VERSION"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "study-results.schema.json"
 SCHEMA_VERSION = 1
@@ -93,15 +93,33 @@ def summarize(records: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
 
     Gains are paired by seed (each method and Adam share the initial weights
     and the data order), so the spread is that of the per-seed differences.
+    ``mechanism_vs_adam`` pairs the mechanism measurements (sharpness and the
+    folded weights' statistics) the same way: method minus Adam, per seed.
     """
+    return _summarize(records, config.models)
+
+
+def resummarize(results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` with its summary recomputed from its runs by this version's statistics.
+
+    A results file keeps the summary of the version that wrote it; the runs'
+    stage results are what was measured. Recomputing lets a report of an older
+    study show what was added since (intervals, the mechanism's paired
+    differences) without measuring anything again.
+    """
+    models = results.get("config", {}).get("models") or list(results.get("summary", {}))
+    return {**results, "summary": _summarize(results["runs"], models)}
+
+
+def _summarize(records: Sequence[dict[str, Any]], models: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for model in config.models:
+    for model in models:
         per_method: dict[str, dict[int, dict[str, float]]] = {}
         for rec in records:
             if rec["model"] == model:
                 per_method.setdefault(rec["method"], {})[rec["seed"]] = metrics_of(rec)
         adam = per_method.get("adam", {})
-        metrics, gains, groups, primary = {}, {}, {}, {}
+        metrics, gains, groups, primary, mechanism = {}, {}, {}, {}, {}
         for method, by_seed in per_method.items():
             names = sorted({k for m in by_seed.values() for k in m})
             metrics[method] = {k: _stats([m.get(k) for m in by_seed.values()]) for k in names}
@@ -111,14 +129,23 @@ def summarize(records: Sequence[dict[str, Any]], config: StudyConfig) -> dict[st
             if method == "adam":
                 continue
             acc_keys = [k for k in names if _is_accuracy(k)]
-            gains[method] = {k: _stats([by_seed[s][k] - adam[s][k] for s in by_seed
-                                        if s in adam and k in by_seed[s] and k in adam[s]]) for k in acc_keys}
+            gains[method] = {k: _stats(_paired(by_seed, adam, k)) for k in acc_keys}
             groups[method] = {g: _stats(_group_gain(by_seed, adam, keys)) for g, keys in _groups(acc_keys).items()}
             primary[method] = {name: _stats(_group_gain(by_seed, adam, list(keys)))
                                for name, keys in PRIMARY_SCORES.items()}
+            mechanism[method] = {k: _stats(_paired(by_seed, adam, k)) for k in names if k.startswith(MECHANISM)}
         out[model] = {"metrics": metrics, "gains_over_adam": gains, "group_gains_over_adam": groups,
-                      "primary_scores": primary}
+                      "primary_scores": primary, "mechanism_vs_adam": mechanism}
     return out
+
+
+#: Metric prefixes of the mechanism measurements (sharpness of the training loss; the folded weights' statistics).
+MECHANISM = ("sharpness:", "weights:")
+
+
+def _paired(by_seed, adam, key: str) -> list[float]:
+    """``method - adam`` for ``key``, over the seeds both have."""
+    return [by_seed[s][key] - adam[s][key] for s in by_seed if s in adam and key in by_seed[s] and key in adam[s]]
 
 
 def _is_accuracy(key: str) -> bool:
@@ -145,7 +172,21 @@ def _group_gain(by_seed, adam, keys) -> list[float]:
     return out
 
 
-# -- schema ----------------------------------------------------------------------------
+# -- reading and checking results ------------------------------------------------------
+
+
+def read_validation_results(path: str | Path, choosing: str) -> dict[str, Any]:
+    """A study's ``results.json`` that was evaluated on its validation split, for a script that chooses something.
+
+    Raises :class:`SntfxError` for results read on the test split: ``choosing`` (e.g. "the default style") is
+    made on validation, and test accuracy is read once, for what was chosen.
+    """
+    results = json.loads(Path(path).read_text())
+    split = results.get("config", {}).get("evaluate_on", "test")
+    if split != "val":
+        raise SntfxError(f"{path}: evaluated on the {split} split; {choosing} is chosen on validation "
+                         "(a study with val_images and evaluate_on = \"val\")")
+    return results
 
 
 def validate_results(results: dict[str, Any]) -> None:
