@@ -278,7 +278,7 @@ class BranchBlock(SNTBlock):
 
 
 register_style("branch", label="RepVGG branches (kxk, 1x1, avg, identity; a norm each)", trains_online=False,
-               bias_sink=True, step_cost=3.00)(lambda config, *, center=True, **_: BranchBlock(config, center=center))
+               bias_sink=True, step_cost=2.95)(lambda config, *, center=True, **_: BranchBlock(config, center=center))
 register_style("qa-branch", label="QARepVGG branches (kxk+norm, 1x1, identity; one norm after the sum)",
-               trains_online=False, bias_sink=True, step_cost=1.76)(
+               trains_online=False, bias_sink=True, step_cost=1.74)(
     lambda config, *, center=True, **_: BranchBlock(config, qa=True, center=center))

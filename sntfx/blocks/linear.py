@@ -26,7 +26,7 @@ __all__ = ["LinearExpansion"]
 
 
 @register_style("linear", label="linear expansion x RATIO (1x1 -> kxk -> 1x1)", options=("ratio",),
-                trains_online=True, bias_sink=False, step_cost=1.03)  # measured: registry.COST_SOURCE
+                trains_online=True, bias_sink=False, step_cost=1.07)  # measured: registry.COST_SOURCE
 class LinearExpansion(SNTBlock):
     """Sequential linear expansion: expand -> core -> project, no nonlinearity.
 

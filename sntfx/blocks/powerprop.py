@@ -55,7 +55,7 @@ def _magnitude(v: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @register_style("powerprop", label=f"Powerpropagation, W = v|v|^{ALPHA - 1:g} (elementwise)", trains_online=True,
-                bias_sink=False, step_cost=1.03)  # measured: registry.COST_SOURCE
+                bias_sink=False, step_cost=1.01)  # measured: registry.COST_SOURCE
 class PowerPropagation(SNTBlock):
     """``W = v |v|^(alpha - 1)`` per weight (see the module docstring)."""
 

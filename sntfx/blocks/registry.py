@@ -42,7 +42,7 @@ __all__ = ["StyleInfo", "register_style", "get_style", "style_names", "make_bloc
 OPTIONS = ("ratio",)  # the per-layer options a style may declare
 
 #: Where the built-in styles' ``step_cost`` figures come from.
-COST_SOURCE = "ResNet-20, batch 128, 2-core CPU: benchmarks/bench_train_step.py"
+COST_SOURCE = "ResNet-20, batch 128, 2-core CPU, median of 30 interleaved rounds: benchmarks/bench_train_step.py"
 
 
 @dataclass(frozen=True)
