@@ -39,11 +39,13 @@ def ensure_folded(gm: fx.GraphModule, what: str = "the model") -> None:
 
 def check_sweep_settings(*, sparsities: Sequence[float] = (), channel_sparsities: Sequence[float] = (),
                          bits: Sequence[int] = (), act_bits: Sequence[Sequence[int]] = (),
-                         wanda_sparsities: Sequence[float] = (), nm_patterns: Sequence[str] = ()) -> None:
+                         wanda_sparsities: Sequence[float] = (), nm_patterns: Sequence[str] = (),
+                         mse_bits: Sequence[int] = ()) -> None:
     """Refuse a sweep setting the compression passes would refuse, before any work (the passes' own checks)."""
     from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune, WandaPrune
 
     for what, axis in (("sparsities", sparsities), ("channel sparsities", channel_sparsities), ("bits", bits),
+                       ("MSE-range bits", mse_bits),
                        ("activation-aware sparsities", wanda_sparsities), ("N:M patterns", nm_patterns),
                        ("activation settings", [tuple(p) if isinstance(p, (list, tuple)) else p for p in act_bits])):
         if len(set(axis)) != len(axis):
@@ -51,6 +53,7 @@ def check_sweep_settings(*, sparsities: Sequence[float] = (), channel_sparsities
     checks = [(f"sparsity {s!r}", lambda s=s: MagnitudePrune(s)) for s in sparsities]
     checks += [(f"channel sparsity {s!r}", lambda s=s: StructuredPrune(s)) for s in channel_sparsities]
     checks += [(f"weight bits {b!r}", lambda b=b: SimulatedQuantize(wbits=b)) for b in bits]
+    checks += [(f"MSE-range weight bits {b!r}", lambda b=b: SimulatedQuantize(wbits=b, method="mse")) for b in mse_bits]
     checks += [(f"activation-aware sparsity {s!r}", lambda s=s: WandaPrune(s)) for s in wanda_sparsities]
     checks += [(f"N:M pattern {p!r}", lambda p=p: WandaPrune(pattern=p if isinstance(p, str) else repr(p)))
                for p in nm_patterns]
@@ -123,8 +126,8 @@ def accuracy(gm: torch.nn.Module, data: Data, *, batch_size: int = 256, limit: i
 def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
           channel_sparsities: Sequence[float] = (), bits: Sequence[int] = (8, 6, 5, 4, 3),
           act_bits: Sequence[tuple[int, int]] = ((8, 8), (4, 8)), wanda_sparsities: Sequence[float] = (),
-          nm_patterns: Sequence[str] = (), recalibrate_bn: bool = True, calib_batches: int = 16,
-          limit: int | None = None, progress: Callable[[str], None] | None = None,
+          nm_patterns: Sequence[str] = (), mse_bits: Sequence[int] = (), recalibrate_bn: bool = True,
+          calib_batches: int = 16, limit: int | None = None, progress: Callable[[str], None] | None = None,
           exclude: Sequence[str] = (), device: torch.device | str | None = None,
           num_workers: int = 0) -> dict[str, Any]:
     """Accuracy of ``gm`` under each compression setting, without fine-tuning.
@@ -133,15 +136,19 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
     pruning, unstructured per output row and N:M, calibrated on training
     images and followed by BatchNorm re-estimation when ``recalibrate_bn``;
     their results are under ``result["wanda"]`` keyed by the sparsity or the
-    pattern (``"0.5"``, ``"2:4"``). ``exclude`` (glob patterns over module
-    names) keeps those layers dense and in float in every setting. The
+    pattern (``"0.5"``, ``"2:4"``). ``mse_bits`` are weight-only settings like
+    ``bits`` whose per-channel ranges are chosen to minimise the rounding error
+    (``quantize``'s ``method="mse"``: clipping the largest weights where that
+    pays) instead of min-max; their results are under ``result["bits_mse"]``.
+    ``exclude`` (glob patterns over module names) keeps those layers dense and
+    in float in every setting. The
     compression passes run on the CPU; every accuracy is measured on
     ``device`` (the training device in a study).
     """
     from sntfx.passes import MagnitudePrune, SimulatedQuantize, StructuredPrune, WandaPrune
 
     check_sweep_settings(sparsities=sparsities, channel_sparsities=channel_sparsities, bits=bits, act_bits=act_bits,
-                         wanda_sparsities=wanda_sparsities, nm_patterns=nm_patterns)
+                         wanda_sparsities=wanda_sparsities, nm_patterns=nm_patterns, mse_bits=mse_bits)
     ensure_folded(gm)
     tick = progress or (lambda label: None)
 
@@ -152,6 +159,8 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
                               "bits": {}, "act_bits": {}}
     if wanda_sparsities or nm_patterns:
         result["wanda"] = {}
+    if mse_bits:
+        result["bits_mse"] = {}
     tick("float")
     for s in sparsities:
         pruned = apply_pass(gm, MagnitudePrune(s, exclude=exclude), data).graph_module
@@ -172,6 +181,10 @@ def sweep(gm: fx.GraphModule, data: Data, *, sparsities: Sequence[float] = (0.5,
         q = apply_pass(gm, SimulatedQuantize(wbits=b, exclude=exclude), data).graph_module
         result["bits"][str(b)] = measure(q)
         tick(f"W{b}")
+    for b in mse_bits:
+        q = apply_pass(gm, SimulatedQuantize(wbits=b, method="mse", exclude=exclude), data).graph_module
+        result["bits_mse"][str(b)] = measure(q)
+        tick(f"W{b} (MSE ranges)")
     for wb, ab in act_bits:
         q = apply_pass(gm, SimulatedQuantize(wbits=wb, abits=ab, exclude=exclude), data,
                        calib_batches=calib_batches).graph_module

@@ -105,6 +105,7 @@ TEXT_VALUES = {
     "sparsities": ["x", "1.5", "-0.1", "0.5,,nan", "0.5,0.5"],
     "channel_sparsities": ["x", "1.0", "-0.2"],
     "bits": ["9", "x", "1", "8.5", "8,8"],
+    "mse_bits": ["9", "x", "1", "4,4"],
     "act_bits": ["4", "8:2", "x:y", "8:8:8"],
     "methods": ["bogus", "snt-nope", "", "adam,adam", "snt-linear-x0"],
     "seeds": ["x", "-1", "0,0", ""],

@@ -193,6 +193,42 @@ def test_sweep_and_cli(tmp_path, trained):
     assert res.exit_code == 0 and "most sensitive to W4" in res.output
 
 
+def test_sweep_mse_bits_measure_the_model_whose_ranges_minimise_rounding_error(tmp_path, trained):
+    """An MSE-range setting is the quantize pass with method="mse": its accuracy is that model's, and per channel its
+    rounding error is never above min-max's (the clipping grid includes no clipping); at 3 bits it clips some."""
+    from sntfx.compress import check_sweep_settings
+    from sntfx.errors import SntfxError
+
+    gm, data = trained
+    result = sweep(gm, data, sparsities=(), bits=(3,), act_bits=(), mse_bits=(3,))
+    mse = apply_pass(gm, SimulatedQuantize(wbits=3, method="mse"), data).graph_module
+    rtn = apply_pass(gm, SimulatedQuantize(wbits=3), data).graph_module
+    assert result["bits_mse"] == {"3": accuracy(mse, data)} and result["bits"] == {"3": accuracy(rtn, data)}
+    plain = dict(gm.named_modules())
+    clipped = 0
+    for name, layer in mse.named_modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = plain[name].weight.detach().flatten(1)
+            err_mse = (layer.weight.detach().flatten(1) - w).square().sum(1)
+            err_rtn = (dict(rtn.named_modules())[name].weight.detach().flatten(1) - w).square().sum(1)
+            assert bool((err_mse <= err_rtn * (1 + 1e-5) + 1e-12).all()), name
+            clipped += int((layer.weight.detach().flatten(1).abs().amax(1) < w.abs().amax(1) * (1 - 1e-4)).sum())
+    assert clipped > 0  # some channel's range was clipped below its largest weight
+    assert "bits_mse" not in sweep(gm, data, sparsities=(), bits=(8,), act_bits=(), limit=1)
+    for bad, match in (([9], "MSE-range weight bits 9"), ([4, 4], "twice")):
+        with pytest.raises(SntfxError, match=match):
+            check_sweep_settings(mse_bits=bad)
+    sntfx.save(gm, tmp_path / "a.pt", source=sntfx.ModelSpec.parse("sntfx:cnn"))
+    res = CliRunner().invoke(cli, ["sweep", str(tmp_path / "a.pt"), "--data", "digits", "--sparsities", "",
+                                   "--bits", "4", "--act-bits", "", "--mse-bits", "4", "--out", str(tmp_path / "s.json")])
+    assert res.exit_code == 0, res.output
+    assert "W4 (MSE ranges)" in res.output
+    assert set(json.loads((tmp_path / "s.json").read_text())["results"]["a"]["bits_mse"]) == {"4"}
+    res = CliRunner().invoke(cli, ["sweep", str(tmp_path / "a.pt"), "--data", "digits", "--mse-bits", "x",
+                                   "--out", str(tmp_path / "t.json")])
+    assert res.exit_code == 2 and "--mse-bits" in res.output and not (tmp_path / "t.json").exists()
+
+
 def test_cli_refuses_expanded_models(tmp_path):
     runner = CliRunner()
     assert runner.invoke(cli, ["transform", "sntfx:cnn", "--out", str(tmp_path / "snt.pt")]).exit_code == 0

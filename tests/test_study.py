@@ -509,6 +509,31 @@ def test_changed_sweep_settings_redo_the_sweep_only(tmp_path):
     assert sorted(results["runs"][0]["sweep"]["sparsity"]) == ["0.5", "0.6", "0.8"]
 
 
+def test_mse_bits_add_sweep_settings_to_a_finished_study_without_retraining(tmp_path):
+    """A study run without mse_bits records nothing for them (so older studies resume as they were); adding them
+    redoes the sweep only, and the report gets their table and their gains over Adam."""
+    config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False)
+    Study(config, tmp_path).run()
+    stored = json.loads((tmp_path / "runs/sntfx-cnn/adam/seed0/sweep.json").read_text())["settings"]
+    assert "mse_bits" not in stored
+    changed = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False, mse_bits=[4, 3])
+    again = Study(changed, tmp_path)
+    results = again.run()
+    assert sorted(again.executed) == [("sntfx:cnn adam seed 0", "sweep"), ("sntfx:cnn snt-linear seed 0", "sweep")]
+    for run in results["runs"]:
+        assert sorted(run["sweep"]["bits_mse"]) == ["3", "4"]
+    summary = results["summary"]["sntfx:cnn"]
+    adam = next(r for r in results["runs"] if r["method"] == "adam")
+    assert summary["metrics"]["adam"]["W4:mse"]["mean"] == pytest.approx(adam["sweep"]["bits_mse"]["4"])
+    assert "W4:mse" in summary["gains_over_adam"]["snt-linear"]
+    assert "W4:mse" not in summary["primary_scores"]["snt-linear"]  # pre-registered scores are unchanged
+    report = (tmp_path / "report.md").read_text()
+    table = report[report.index("MSE-chosen ranges"):]
+    assert table.index("| W4 (MSE) |") < table.index("| W3 (MSE) |")
+    with pytest.raises(SntfxError, match="MSE-range weight bits 1"):
+        StudyConfig(**TINY, methods=["adam"], seeds=[0], mse_bits=[1])
+
+
 def test_killed_mid_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Interrupt inside the second epoch: the resumed run ends bit-identical to an uninterrupted one."""
     import sntfx.study.runner as study_mod

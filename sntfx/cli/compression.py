@@ -190,12 +190,14 @@ def quantize(model, out, wbits, abits, granularity, method, method_alias, act_me
 @click.option("--channel-sparsities", default="", help="Structured channel sparsities, e.g. 0.2,0.4.")
 @click.option("--bits", default="8,6,5,4,3", show_default=True)
 @click.option("--act-bits", default="8:8,4:8", show_default=True, help="W:A settings with calibrated activations.")
+@click.option("--mse-bits", default="", help="Weight-only settings like --bits whose per-channel ranges minimise the "
+                                              "rounding error (clipping the largest weights where that pays), e.g. 4,3.")
 @click.option("--out", "-o", default="sweep.json", show_default=True, type=click.Path(dir_okay=False),
               help="JSON results; PNG plots are written beside it.")
 @exclude_option()
 @trust_options
-def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, out, exclude, source_file,
-          trust_source):
+def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act_bits, mse_bits, out, exclude,
+          source_file, trust_source):
     """Accuracy of folded MODELS under pruning and quantization, without fine-tuning, on one set of axes."""
     from ..compress import check_sweep_settings, parse_sweep_axis
     from ..compress import sweep as run_sweep
@@ -209,7 +211,8 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
     csp = parse_sweep_axis(channel_sparsities, "fraction", "--channel-sparsities")
     bw = parse_sweep_axis(bits, "bits", "--bits")
     ab = parse_sweep_axis(act_bits, "wa", "--act-bits")
-    check_sweep_settings(sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab)
+    mb = parse_sweep_axis(mse_bits, "bits", "--mse-bits")
+    check_sweep_settings(sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab, mse_bits=mb)
     try:
         exclude = check_exclude(exclude)
     except ValueError as exc:
@@ -221,17 +224,18 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
     for name, gm in gms.items():
         with console.status(f"sweeping {name} ...") as status:
             results[name] = run_sweep(gm, data, sparsities=sp, channel_sparsities=csp, bits=bw, act_bits=ab,
-                                      exclude=exclude,
+                                      mse_bits=mb, exclude=exclude,
                                       progress=lambda label, name=name: status.update(f"sweeping {name}: {label}"))
     table = Table(title=f"accuracy on {data.info.name} test ({len(data.test)} images), no fine-tuning")
     table.add_column("setting")
     for name in results:
         table.add_column(name, justify="right")
     keys = [("float", None)] + [("sparsity", k) for k in map(str, sp)] + [("channel_sparsity", k) for k in map(str, csp)]
-    keys += [("bits", str(b)) for b in bw] + [("act_bits", f"W{w}A{a}") for w, a in ab]
+    keys += [("bits", str(b)) for b in bw] + [("bits_mse", str(b)) for b in mb]
+    keys += [("act_bits", f"W{w}A{a}") for w, a in ab]
     for section, key in keys:
         label = {"float": "float", "sparsity": f"sparsity {key}", "channel_sparsity": f"channels -{key}",
-                 "bits": f"W{key}", "act_bits": key}[section]
+                 "bits": f"W{key}", "bits_mse": f"W{key} (MSE ranges)", "act_bits": key}[section]
         row = []
         for r in results.values():
             v = r[section] if key is None else r[section][key]

@@ -139,6 +139,9 @@ class StudyConfig:
     act_bits: list[list[int]] = field(default_factory=lambda: [[8, 8], [6, 6], [4, 8], [4, 4]])
     wanda_sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7])  # activation-aware, per output row
     nm_patterns: list[str] = field(default_factory=lambda: ["2:4"])  # activation-aware N:M
+    # weight-only settings like bits, with per-channel ranges chosen by rounding error (MSE; clips outliers) instead
+    # of min-max: whether a model's heavy-tailed weights cost it accuracy or only range
+    mse_bits: list[int] = field(default_factory=list)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics after activation-aware pruning
     val_images: int = 0  # training images held out as a validation split (stratified, the same for every run)
     evaluate_on: str = "test"  # val | test: the split every accuracy after training is measured on
@@ -173,7 +176,7 @@ class StudyConfig:
 
         check_sweep_settings(sparsities=self.sparsities, channel_sparsities=self.channel_sparsities, bits=self.bits,
                              act_bits=self.act_bits, wanda_sparsities=self.wanda_sparsities,
-                             nm_patterns=self.nm_patterns)
+                             nm_patterns=self.nm_patterns, mse_bits=self.mse_bits)
         if self.val_images < 0:
             raise SntfxError(f"val_images must be 0 (no validation split) or a number of training images, "
                              f"got {self.val_images}")
@@ -216,7 +219,7 @@ class StudyConfig:
     def sweep_settings(self) -> int:
         """Accuracy measurements in one run's sweep (float + every compression setting)."""
         return 1 + len(self.sparsities) + len(self.channel_sparsities) + len(self.bits) + len(self.act_bits) + \
-            len(self.wanda_sparsities) + len(self.nm_patterns)
+            len(self.wanda_sparsities) + len(self.nm_patterns) + len(self.mse_bits)
 
 
 _SCALARS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

@@ -151,6 +151,11 @@ def _bit_keys(metrics: dict) -> list[str]:
     return sorted(keys, key=lambda k: ("A" in k, -int(re.match(r"W(\d+)", k).group(1))))
 
 
+def _mse_keys(metrics: dict) -> list[str]:
+    keys = {k for m in metrics.values() for k in m if re.fullmatch(r"W\d+:mse", k)}
+    return sorted(keys, key=lambda k: -int(re.match(r"W(\d+)", k).group(1)))
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -249,6 +254,9 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
                   _settings(metrics, "channels:"), lambda k: f"{float(k.split(':')[1]):.0%} of channels")
     setting_table("Accuracy (%) under post-training quantization (per-channel weights, min-max activations)",
                   _bit_keys(metrics), lambda k: k)
+    setting_table("Accuracy (%) under weight-only quantization with MSE-chosen ranges (per channel: the clipping "
+                  "that minimises the rounding error, against min-max above)", _mse_keys(metrics),
+                  lambda k: k.replace(":mse", " (MSE)"))
 
     lines += ["### Mechanism: sharpness and weight distribution of the folded models", ""]
     lines += _mechanism_table(metrics, methods)

@@ -85,12 +85,13 @@ STAGE_KEYS = {
     "evaluate": ("rho", "sharpness_batches", "sharpness_batch_size", "sharpness_iters", "trace_samples",
                  "landscape_steps", *SPLIT_KEYS),
     "sweep": ("sparsities", "channel_sparsities", "bits", "act_bits", "eval_images", "wanda_sparsities",
-              "nm_patterns", "recalibrate_bn", "exclude", *SPLIT_KEYS),
+              "nm_patterns", "mse_bits", "recalibrate_bn", "exclude", *SPLIT_KEYS),
     "onnx": ("bench_batch_sizes", "bench_iters", "provider", "eval_images", "act_bits", "exclude", *SPLIT_KEYS),
 }
 # Settings added after studies were first written, and the value that means what those studies did: left out of a
 # run's recorded settings at that value, so that a study written before them still resumes.
-ABSENT = {"val_images": 0, "evaluate_on": "test", "exclude": [], "budget": None, "memory_budget": None}
+ABSENT = {"val_images": 0, "evaluate_on": "test", "exclude": [], "budget": None, "memory_budget": None,
+          "mse_bits": []}
 
 
 # What a stage computes, when it grows: a stored result of an older version is redone on resume.
@@ -600,7 +601,7 @@ class Study:
         gm = self._load(run)
         n = c.sweep_settings
         result = sweep(gm, self.eval_data, sparsities=c.sparsities, channel_sparsities=c.channel_sparsities,
-                       bits=c.bits, wanda_sparsities=c.wanda_sparsities, nm_patterns=c.nm_patterns,
+                       bits=c.bits, wanda_sparsities=c.wanda_sparsities, nm_patterns=c.nm_patterns, mse_bits=c.mse_bits,
                        recalibrate_bn=c.recalibrate_bn,
                        act_bits=[tuple(p) for p in c.act_bits], limit=self._eval_batches(), exclude=c.exclude,
                        device=self.eval_device, num_workers=c.num_workers,

@@ -41,6 +41,8 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
             m[f"channels:{s}"] = v["accuracy"]
         for b, acc in sw["bits"].items():
             m[f"W{b}"] = acc
+        for b, acc in sw.get("bits_mse", {}).items():
+            m[f"W{b}:mse"] = acc
         for name, acc in sw["act_bits"].items():
             m[name] = acc
         for setting, acc in sw.get("wanda", {}).items():
