@@ -25,6 +25,10 @@ among candidates whose float accuracy hurts on no model; ties go to the
 cheaper style (the registry's ``step_cost``). With fewer than 5 seeds the
 output says it is a screen, not a claim.
 
+SAM, where the results have it, is in the table as the reference the goal is
+read against (its gains and goal test, marked "reference"); it is not a
+candidate for the default.
+
 Refuses a results file evaluated on the test split.
 """
 
@@ -68,6 +72,7 @@ class Verdict:
     best: dict[str, tuple[str, float] | None]
     step_cost: float | None
     failures: list[str] = field(default_factory=list)
+    reference: bool = False  # SAM: shown beside the candidates, never chosen
 
     @property
     def meets_goal(self) -> bool:
@@ -117,7 +122,8 @@ def verdicts(results: dict[str, Any], costs: dict[str, dict[str, float]]) -> lis
         hard_settings = [k for k in adam if setting_kind(k) and adam_float is not None
                          and adam_float - adam[k]["mean"] >= ADAM_LOSS]  # where Adam loses 5 points or more
         for method, gains in summary["gains_over_adam"].items():
-            if not Method.parse(method).snt:
+            parsed = Method.parse(method)
+            if not (parsed.snt or parsed.sam):
                 continue
             scores = summary["primary_scores"][method]
             best: dict[str, tuple[str, float] | None] = {}
@@ -126,7 +132,8 @@ def verdicts(results: dict[str, Any], costs: dict[str, dict[str, float]]) -> lis
                         is not None]
                 best[kind] = max(((k, gains[k]["mean"]) for k in hard), key=lambda kv: kv[1], default=None)
             seeds = min((s["n"] for s in scores.values()), default=0)
-            v = Verdict(model, method, seeds, scores, gains.get("float", {}), best, step_cost(costs, model, method))
+            v = Verdict(model, method, seeds, scores, gains.get("float", {}), best, step_cost(costs, model, method),
+                        reference=not parsed.snt)
             for name, stat in scores.items():
                 if not _helps(stat):
                     v.failures.append(f"{name} does not help")
@@ -149,8 +156,9 @@ def choose(all_verdicts: list[Verdict]) -> tuple[str | None, str]:
     """The default method and the rule's clause that chose it."""
     by_method: dict[str, list[Verdict]] = {}
     for v in all_verdicts:
-        by_method.setdefault(v.method, []).append(v)
-    models = {v.model for v in all_verdicts}
+        if not v.reference:
+            by_method.setdefault(v.method, []).append(v)
+    models = {v.model for v in all_verdicts if not v.reference}
     complete = {m: vs for m, vs in by_method.items() if {v.model for v in vs} == models}
 
     def key(item):
@@ -182,7 +190,7 @@ def table(all_verdicts: list[Verdict]) -> str:
         best = ["-" if v.best[kind] is None else f"{v.best[kind][0]} {100 * v.best[kind][1]:+.2f}"
                 for kind in BEST_GAIN]
         cost = "-" if v.step_cost is None else f"{v.step_cost:.2f}"
-        goal = "yes" if v.meets_goal else "no: " + "; ".join(v.failures)
+        goal = ("reference, " if v.reference else "") + ("yes" if v.meets_goal else "no: " + "; ".join(v.failures))
         lines.append(f"| {v.model} | {v.method} | {v.seeds} | " + " | ".join(_ci(v.scores[n]) for n in names)
                      + f" | {_ci(v.float_gain)} | {best[0]} | {best[1]} | {cost} | {goal} |")
     return "\n".join(lines)

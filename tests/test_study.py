@@ -844,5 +844,11 @@ def test_the_default_rule_takes_the_candidate_meeting_the_goal_else_the_best_one
     assert choose.main([path, "--step-costs", str(costs)])[0] == "snt-linear"
     out = capsys.readouterr().out
     assert "best pruning gain +1.90 < +2.0" in out and "float accuracy hurts" in out
+    # SAM is a reference row: its goal test is shown, and however well it does it is never the default
+    path = results("sam", {"sntfx:a": {"snt-linear": short, "sam": better_but_slow},
+                           "sntfx:b": {"snt-linear": good, "sam": better_but_slow}})
+    assert choose.main([path, "--step-costs", str(costs)])[0] == "snt-linear"
+    sam_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| sntfx:a | sam |")]
+    assert len(sam_rows) == 1 and "reference, no: step cost not measured" in sam_rows[0]
     with pytest.raises(SystemExit, match="validation"):
         choose.main([results("test", {"sntfx:a": {"snt-linear": good}}, split="test")])
