@@ -205,3 +205,30 @@ def test_weight_statistics_match_their_definitions():
     zeros = sum(int((fake_quant_weight(m.weight, 4) == 0).sum()) for m in (model[0], model[2]))
     total = model[0].weight.numel() + model[2].weight.numel()
     assert stats["zero_at_w4"] == pytest.approx(zeros / total, abs=1e-4)
+    # Gaussian 3x3 kernels: no tap is special, so about 1 channel in 9 has its largest weight at the centre
+    assert stats["centre_max_share"] == pytest.approx(1 / 9, abs=0.05)
+
+
+def test_centre_max_share_counts_the_channels_whose_largest_weight_is_the_centre_tap():
+    """The share is over odd-kernel convs only (1x1 convs, even kernels and linears have no centre that could be
+    special), survives BatchNorm folding (a per-channel scale keeps where the maximum is), and is absent when no
+    layer has a centre tap."""
+    import sntfx
+    from sntfx.weight_stats import weight_statistics
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 2),
+                          nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[0].weight[0, 1, 1, 1] = 2.0  # channel 0: the centre tap holds the maximum
+        model[0].weight[1, 0, 1, 1] = -3.0  # channel 1: so does a negative centre weight
+        model[0].weight[2, 0, 0, 2] = 2.0  # channel 2: a corner does
+        model[0].weight[3, 1, 1, 1], model[0].weight[3, 1, 2, 1] = 1.0, -1.5  # channel 3: an edge tap, just
+        model[1].weight.copy_(torch.tensor([0.5, 2.0, -1.0, 3.0]))
+        model[1].running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 2.0]))
+        for m in (model[2], model[3], model[5]):
+            m.weight.fill_(1.0)  # any maximum here would count, if these layers were counted
+    gm = sntfx.trace(model.eval(), torch.zeros(1, 2, 4, 4))
+    assert weight_statistics(gm)["centre_max_share"] == pytest.approx(2 / 4)
+    flat = sntfx.trace(nn.Sequential(nn.Conv1d(2, 3, 4), nn.Flatten(), nn.Linear(3 * 5, 2)), torch.zeros(1, 2, 8))
+    assert "centre_max_share" not in weight_statistics(flat)

@@ -64,7 +64,8 @@ MECHANISM_COLUMNS = (("sharpness:top_eigenvalue", "top eigenvalue", ".4g"),
                      ("sharpness:loss", "loss", ".4g"),
                      ("weights:kurtosis", "weight kurtosis", ".3g"),
                      ("weights:crest_factor", "crest factor", ".3g"),
-                     ("weights:zero_at_w4", "zero at W4", ".3f"))
+                     ("weights:zero_at_w4", "zero at W4", ".3f"),
+                     ("weights:centre_max_share", "max at centre tap", ".3f"))
 
 
 def _fixed(value: float, spec: str, sign: str = "") -> str:
@@ -262,7 +263,9 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
     lines += _mechanism_table(metrics, methods)
     lines += ["Sharpness: of the training loss on fixed training batches. Weights: BatchNorm folded into the layers "
               "(the deployed form); excess kurtosis per layer and per-channel crest factor (max |w| / rms), averaged; "
-              "zero at W4: fraction of weights that per-channel 4-bit rounding sets to zero.", ""]
+              "zero at W4: fraction of weights that per-channel 4-bit rounding sets to zero; max at centre tap: "
+              "fraction of the odd-kernel convs' output channels whose largest weight is the centre tap's (1/9 for "
+              "3x3 when no tap is special; n/a in results written before it was measured).", ""]
     lines += _mechanism_differences(summary.get("mechanism_vs_adam") or {}, methods)
 
     lines += ["### Training cost", ""]
