@@ -154,11 +154,11 @@ def verdicts(results: dict[str, Any], costs: dict[str, dict[str, float]]) -> lis
 
 def choose(all_verdicts: list[Verdict]) -> tuple[str | None, str]:
     """The default method and the rule's clause that chose it."""
+    candidates = [v for v in all_verdicts if not v.reference]
     by_method: dict[str, list[Verdict]] = {}
-    for v in all_verdicts:
-        if not v.reference:
-            by_method.setdefault(v.method, []).append(v)
-    models = {v.model for v in all_verdicts if not v.reference}
+    for v in candidates:
+        by_method.setdefault(v.method, []).append(v)
+    models = {v.model for v in candidates}
     complete = {m: vs for m, vs in by_method.items() if {v.model for v in vs} == models}
 
     def key(item):

@@ -35,11 +35,12 @@ def _pct(s: dict | None, signed: bool = False) -> str:
     return f"{text} ± {std:.2f}" if s["n"] > 1 else text
 
 
-def _num(s: dict | None, fmt: str = "{:.3g}", unit: str = "") -> str:
+def _num(s: dict | None, spec: str = ".3g", unit: str = "") -> str:
+    """``mean ± std`` over seeds in ``spec`` (see `_fixed`); one value for one seed; ``n/a`` when not measured."""
     if not s or s.get("mean") is None:
         return "n/a"
-    text = fmt.format(s["mean"])
-    return f"{text} ± {fmt.format(s['std'])}{unit}" if s["n"] > 1 else f"{text}{unit}"
+    text = _fixed(s["mean"], spec)
+    return f"{text} ± {_fixed(s['std'], spec)}{unit}" if s["n"] > 1 else f"{text}{unit}"
 
 
 def interval(gain: dict) -> list[float] | None:
@@ -69,8 +70,10 @@ MECHANISM_COLUMNS = (("sharpness:top_eigenvalue", "top eigenvalue", ".4g"),
 
 
 def _fixed(value: float, spec: str, sign: str = "") -> str:
-    """``value`` in ``spec`` (e.g. ``.3g``), without exponent notation: 1364.2 as ``1364``, not ``1.36e+03``."""
-    if spec.endswith("g") and abs(value) >= 10 ** int(spec[1:-1]):
+    """``value`` in ``spec`` (``.3g``, ``.2f``, ...), large values without exponent notation: 1364.2 in ``.3g``
+    as ``1364``, not ``1.36e+03``. ``sign`` is a format sign option (``"+"``)."""
+    digits = re.fullmatch(r"\.(\d+)g", spec)
+    if digits and abs(value) >= 10 ** int(digits.group(1)):
         spec = ".0f"
     return format(value, sign + spec)
 
@@ -88,13 +91,7 @@ def _difference(d: dict | None, spec: str = ".3g") -> str:
 
 def _mechanism_table(metrics: dict, methods: list[str]) -> list[str]:
     """Each method's sharpness and folded-weight statistics: mean ± std over seeds."""
-    def cell(s: dict | None, spec: str) -> str:
-        if not s or s.get("mean") is None:
-            return "n/a"
-        text = _fixed(s["mean"], spec)
-        return f"{text} ± {_fixed(s['std'], spec)}" if s["n"] > 1 else text
-
-    rows = [[m] + [cell(metrics[m].get(k), spec) for k, _, spec in MECHANISM_COLUMNS] for m in methods]
+    rows = [[m] + [_num(metrics[m].get(k), spec) for k, _, spec in MECHANISM_COLUMNS] for m in methods]
     return _table(["method"] + [name for _, name, _ in MECHANISM_COLUMNS], rows)
 
 
@@ -147,14 +144,19 @@ def _wanda_keys(metrics: dict) -> list[str]:
     return sorted(keys, key=lambda k: (":" in k[6:], k))
 
 
-def _bit_keys(metrics: dict) -> list[str]:
-    keys = {k for m in metrics.values() for k in m if re.fullmatch(r"W\d+(A\d+)?", k)}
+def _quant_keys(metrics: dict, pattern: str) -> list[str]:
+    """The metric keys that match ``pattern`` (``W4``, ``W4A8``, ``W4:mse``, ...): weight-only settings first,
+    then by weight bits, widest first."""
+    keys = {k for m in metrics.values() for k in m if re.fullmatch(pattern, k)}
     return sorted(keys, key=lambda k: ("A" in k, -int(re.match(r"W(\d+)", k).group(1))))
 
 
+def _bit_keys(metrics: dict) -> list[str]:
+    return _quant_keys(metrics, r"W\d+(A\d+)?")
+
+
 def _mse_keys(metrics: dict) -> list[str]:
-    keys = {k for m in metrics.values() for k in m if re.fullmatch(r"W\d+:mse", k)}
-    return sorted(keys, key=lambda k: -int(re.match(r"W(\d+)", k).group(1)))
+    return _quant_keys(metrics, r"W\d+:mse")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -218,8 +220,8 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
         g = groups.get(m, {})
         rows.append([f"**{m}**", _pct(metrics[m].get("float")),
                      *(("—",) * len(kinds) if m == "adam" else (_pct(g.get(k), signed=True) for k in kinds)),
-                     _num(metrics[m].get("epoch_time_vs_adam"), "{:.2f}", "×"),
-                     _num(metrics[m].get("sharpness:top_eigenvalue"), "{:.4g}")])
+                     _num(metrics[m].get("epoch_time_vs_adam"), ".2f", "×"),
+                     _num(metrics[m].get("sharpness:top_eigenvalue"), ".4g")])
     lines += _table(header, rows)
     lines += [_in_short(groups, kinds), ""]
     lines += ["Δ: accuracy points gained over Adam, averaged over the settings of each kind (the sections below "
@@ -274,8 +276,8 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
         mr = [r for r in runs if r["method"] == m and "train" in r]
         params = f"{mr[0]['train']['params_trained']:,} → {mr[0]['train']['params_deployed']:,}" if mr else "n/a"
         fold = max((r["train"]["fold"]["rel_error"] for r in mr if r["train"].get("fold")), default=None)
-        rows.append([m, _num(metrics[m].get("epoch_seconds"), "{:.1f}", " s"),
-                     _num(metrics[m].get("epoch_time_vs_adam"), "{:.2f}", "×"), params,
+        rows.append([m, _num(metrics[m].get("epoch_seconds"), ".1f", " s"),
+                     _num(metrics[m].get("epoch_time_vs_adam"), ".2f", "×"), params,
                      "exact (no fold)" if fold is None else f"{fold:.1e}"])
     lines += _table(["method", "time / epoch (median)", "vs Adam", "parameters trained → deployed",
                      "fold error (max rel.)"], rows)
@@ -290,8 +292,8 @@ def _model_section(model: str, summary: dict, results: dict, out: Path, plots: d
         b1f, b1q = mm.get("ort:fp32:ms:b1"), mm.get("ort:int8:ms:b1")
         speed = (f"{b1f['mean'] / b1q['mean']:.2f}×" if b1f and b1q and b1f.get("mean") and b1q.get("mean")
                  else "n/a")
-        ort_rows.append([m, _num(b1f, "{:.3f}"), _num(b1q, "{:.3f}"), speed,
-                         _num(mm.get("ort:fp32:mb"), "{:.3f}"), _num(mm.get("ort:int8:mb"), "{:.3f}"),
+        ort_rows.append([m, _num(b1f, ".3f"), _num(b1q, ".3f"), speed,
+                         _num(mm.get("ort:fp32:mb"), ".3f"), _num(mm.get("ort:int8:mb"), ".3f"),
                          _pct(mm.get("ort:fp32:accuracy")), _pct(mm.get("ort:int8:accuracy"))])
     if ort_rows:
         provider = next((r["onnx"]["fp32"]["bench"]["provider"] for r in runs if "onnx" in r), "?")
