@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -263,6 +264,11 @@ def main() -> None:
     variants = variant_names(styles, explicit=not args.online_only, cost_models=cost_models)
     print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved "
           f"rounds x {args.steps} steps; x Adam: median of the per-round ratios (quartiles beside it)", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "machine": platform.machine(), "rounds": args.rounds, "steps": args.steps, "budget": args.budget,
+              "memory_budget": args.memory_budget, "memory_only": args.memory_only}
     results = {}
     for m in models:
         if args.memory_only:
@@ -284,13 +290,16 @@ def main() -> None:
             timing = (f"{r['median_ms']:>10.1f}{r['time_vs_adam']:>9.2f}"
                       f"{'{:.2f}-{:.2f}'.format(*r['ratio_quartiles']):>14}") if "median_ms" in r else f"{'':>33}"
             print(f"{v:<28}{timing}{memory}", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                               "machine": platform.machine(), "rounds": args.rounds, "steps": args.steps,
-                               "budget": args.budget, "memory_budget": args.memory_budget,
-                               "memory_only": args.memory_only, "results": results}, indent=2))
+        # after every model, so that a run stopped part-way keeps the models it finished
+        _write_json(out, header | {"results": results})
     print(f"\nwrote {out}")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically: a reader sees the old file or the new one, never part of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

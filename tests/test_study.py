@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -852,3 +853,65 @@ def test_the_default_rule_takes_the_candidate_meeting_the_goal_else_the_best_one
     assert len(sam_rows) == 1 and "reference, no: step cost not measured" in sam_rows[0]
     with pytest.raises(SystemExit, match="validation"):
         choose.main([results("test", {"sntfx:a": {"snt-linear": good}}, split="test")])
+
+
+def _bench_file(path, results, **header):
+    path.write_text(json.dumps({"device": "cpu", "torch": "x", "threads": 2, "rounds": 5, "steps": 1,
+                                "memory_only": False, **header, "results": results}))
+    return path
+
+
+def test_the_step_cost_table_merges_timing_and_memory_runs_and_bolds_online_styles_over_the_goal(tmp_path, capsys):
+    """benchmarks/train_step_table.py: one row per model from a timing run and a memory-only run; a later file's
+    measurement of the same variant wins; only online variants above the goal are bold; absent cells are '-'."""
+    table = _benchmark_script("train_step_table")
+
+    def timed(ratio, q=(0.9, 1.2)):
+        return {"median_ms": 10.0, "time_vs_adam": ratio, "ratio_quartiles": list(q)}
+
+    times = _bench_file(tmp_path / "t.json", {
+        "smallvgg": {"batch": 128, "variants": {"adam": timed(1.0), "snt linear online": timed(1.13),
+                                                "snt qa-branch explicit": timed(1.74), "sam": timed(2.0)}},
+        "resnet8": {"batch": 64, "variants": {"adam": timed(1.0), "snt linear online": timed(1.05)}}})
+    memory = _bench_file(tmp_path / "m.json", {
+        "smallvgg": {"batch": 128, "variants": {
+            "adam": {"held_vs_adam": 1.0, "memory_vs_adam": 1.0},
+            "snt linear online": {"held_vs_adam": 1.1, "memory_vs_adam": 1.38}}}}, memory_only=True)
+    assert table.main([str(times), str(memory)]) == 0
+    out = capsys.readouterr().out
+    time_row, memory_row = [line for line in out.splitlines() if line.startswith("| smallvgg (128)")]
+    assert "| **1.13** (0.90-1.20) |" in time_row and "| 1.74 (0.90-1.20) |" in time_row  # explicit: not bold
+    assert "| 2.00 (0.90-1.20) |" in time_row
+    assert memory_row == "| smallvgg (128) | 1.10 (1.38) |"  # Adam is not a column; only measured variants are
+    resnet8 = next(line for line in out.splitlines() if line.startswith("| resnet8 (64)"))
+    assert resnet8 == "| resnet8 (64) | 1.05 (0.90-1.20) | - | - |"  # qa-branch and SAM: not measured there
+    later = _bench_file(tmp_path / "later.json", {
+        "smallvgg": {"batch": 128, "variants": {"snt linear online": timed(1.02, (1.0, 1.04))}}})
+    assert table.main([str(times), str(later)]) == 0
+    assert "| 1.02 (1.00-1.04) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"device": "cpu"}),
+                                     json.dumps({"results": {"smallvgg": {"variants": {"adam": 1.0}}}}),
+                                     json.dumps({"results": {"smallvgg": {"batch": 1, "variants": {"adam": {}}}}})])
+def test_the_step_cost_table_refuses_a_file_that_is_not_a_results_file(tmp_path, capsys, content):
+    table = _benchmark_script("train_step_table")
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert table.main([str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "bad.json" in captured.err and "Traceback" not in captured.err
+
+
+def test_the_step_benchmark_writes_its_results_atomically_honouring_the_umask(tmp_path):
+    bench = _benchmark_script("bench_train_step")
+    target = tmp_path / "r.json"
+    old = os.umask(0o027)
+    try:
+        bench._write_json(target, {"results": {"m": 1}})
+        bench._write_json(target, {"results": {"m": 2}})
+    finally:
+        os.umask(old)
+    assert json.loads(target.read_text()) == {"results": {"m": 2}}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
+    assert target.stat().st_mode & 0o777 == 0o640
