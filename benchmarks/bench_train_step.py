@@ -18,6 +18,11 @@ once); workspaces are left out.
     python benchmarks/bench_train_step.py --models smallvgg,resnet20 --rounds 3
     python benchmarks/bench_train_step.py --device cuda        # on a GPU
     python benchmarks/bench_train_step.py --memory-only        # memory alone (needs no quiet machine)
+    python benchmarks/train_step_table.py OUT.json [MORE.json]  # the results as markdown tables
+
+The results file is rewritten after each model, so a run stopped part-way
+keeps the models it finished (rerun the rest with ``--models`` into a second
+file; ``train_step_table.py`` merges them).
 
 Inputs are random (a step's cost does not depend on the values) of each
 model's usual size and batch: Fashion-MNIST 1x28x28 for smallvgg and resnet8, CIFAR
