@@ -871,7 +871,8 @@ def test_the_step_cost_table_merges_timing_and_memory_runs_and_bolds_online_styl
 
     times = _bench_file(tmp_path / "t.json", {
         "smallvgg": {"batch": 128, "variants": {"adam": timed(1.0), "snt linear online": timed(1.13),
-                                                "snt qa-branch explicit": timed(1.74), "sam": timed(2.0)}},
+                                                "snt qa-branch explicit": timed(1.74), "sam": timed(2.0),
+                                                "snt lin-branch online": timed(1.1004)}},
         "resnet8": {"batch": 64, "variants": {"adam": timed(1.0), "snt linear online": timed(1.05)}}})
     memory = _bench_file(tmp_path / "m.json", {
         "smallvgg": {"batch": 128, "variants": {
@@ -882,9 +883,10 @@ def test_the_step_cost_table_merges_timing_and_memory_runs_and_bolds_online_styl
     time_row, memory_row = [line for line in out.splitlines() if line.startswith("| smallvgg (128)")]
     assert "| **1.13** (0.90-1.20) |" in time_row and "| 1.74 (0.90-1.20) |" in time_row  # explicit: not bold
     assert "| 2.00 (0.90-1.20) |" in time_row
+    assert time_row.endswith("| 1.10 (0.90-1.20) |")  # bold only above the goal as shown, not 1.1004
     assert memory_row == "| smallvgg (128) | 1.10 (1.38) |"  # Adam is not a column; only measured variants are
     resnet8 = next(line for line in out.splitlines() if line.startswith("| resnet8 (64)"))
-    assert resnet8 == "| resnet8 (64) | 1.05 (0.90-1.20) | - | - |"  # qa-branch and SAM: not measured there
+    assert resnet8 == "| resnet8 (64) | 1.05 (0.90-1.20) | - | - | - |"  # only linear was measured there
     later = _bench_file(tmp_path / "later.json", {
         "smallvgg": {"batch": 128, "variants": {"snt linear online": timed(1.02, (1.0, 1.04))}}})
     assert table.main([str(times), str(later)]) == 0
