@@ -59,47 +59,37 @@ def _header(variant: str) -> str:
     return variant.removeprefix("snt ")
 
 
-def time_table(models: dict[str, dict], goal: float = 1.10) -> list[str]:
-    columns = _columns(models, "time_vs_adam")
+def _table(models: dict[str, dict], key: str, cell) -> list[str]:
+    """One row per model that measured ``key`` somewhere, one column per variant that has it; ``cell(variant,
+    measurements)`` writes a measured cell, ``-`` marks a variant the model did not measure."""
+    columns = _columns(models, key)
     if not columns:
         return []
     lines = ["| model (batch) | " + " | ".join(_header(c) for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for model, row in models.items():
-        cells = []
-        for c in columns:
-            m = row["variants"].get(c, {})
-            if "time_vs_adam" not in m:
-                cells.append("-")
-                continue
-            ratio = f"{m['time_vs_adam']:.2f}"
-            if " online" in c and float(ratio) > goal:  # as shown: a bold 1.10 against a goal of 1.10 would puzzle
-                ratio = f"**{ratio}**"
-            q = m.get("ratio_quartiles")
-            cells.append(ratio + (f" ({q[0]:.2f}-{q[1]:.2f})" if q else ""))
-        if any(cell != "-" for cell in cells):
+        cells = [cell(c, row["variants"][c]) if key in row["variants"].get(c, {}) else "-" for c in columns]
+        if any(text != "-" for text in cells):
             lines.append(f"| {model} ({row['batch']}) | " + " | ".join(cells) + " |")
     return lines
+
+
+def time_table(models: dict[str, dict], goal: float = 1.10) -> list[str]:
+    def cell(variant: str, m: dict) -> str:
+        ratio = f"{m['time_vs_adam']:.2f}"
+        if " online" in variant and float(ratio) > goal:  # as shown: a bold 1.10 against a goal of 1.10 would puzzle
+            ratio = f"**{ratio}**"
+        q = m.get("ratio_quartiles")
+        return ratio + (f" ({q[0]:.2f}-{q[1]:.2f})" if q else "")
+
+    return _table(models, "time_vs_adam", cell)
 
 
 def memory_table(models: dict[str, dict]) -> list[str]:
-    columns = _columns(models, "held_vs_adam")
-    if not columns:
-        return []
-    lines = ["| model (batch) | " + " | ".join(_header(c) for c in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for model, row in models.items():
-        cells = []
-        for c in columns:
-            m = row["variants"].get(c, {})
-            if "held_vs_adam" not in m:
-                cells.append("-")
-                continue
-            peak = f" ({m['memory_vs_adam']:.2f})" if "memory_vs_adam" in m else ""
-            cells.append(f"{m['held_vs_adam']:.2f}{peak}")
-        if any(cell != "-" for cell in cells):
-            lines.append(f"| {model} ({row['batch']}) | " + " | ".join(cells) + " |")
-    return lines
+    def cell(_variant: str, m: dict) -> str:
+        return f"{m['held_vs_adam']:.2f}" + (f" ({m['memory_vs_adam']:.2f})" if "memory_vs_adam" in m else "")
+
+    return _table(models, "held_vs_adam", cell)
 
 
 def render(paths: list[Path], goal: float = 1.10) -> str:
