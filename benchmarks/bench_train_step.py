@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 import sntfx
 from sntfx.blocks import get_style, style_names
 from sntfx.graph_utils import saved_for_backward
+from sntfx.io import atomic_write
 from sntfx.train import TrainConfig, Trainer, set_online_fold
 
 MODELS = {  # name: (spec, kwargs, input shape without batch, CPU batch, GPU batch)
@@ -301,10 +301,8 @@ def main() -> None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` atomically: a reader sees the old file or the new one, never part of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` as JSON through :func:`sntfx.io.atomic_write` (whole file or nothing; umask)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 if __name__ == "__main__":
