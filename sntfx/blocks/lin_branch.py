@@ -25,8 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .base import (_CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, delta_kernel,
-                   identity_matrix)
+from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop
 from .registry import register_style
 
 __all__ = ["LinearizedBranchBlock"]
@@ -88,29 +87,46 @@ class LinearizedBranchBlock(SNTBlock):
     def composed_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``W`` (differentiable, in ``dtype`` or the parameters' dtype).
 
-        Built with one full-kernel operation: the average path is the same
-        ``C_out x C_in`` matrix on every tap, so ``W = a_k W_k + a_avg W_avg / |k|``
-        is a single broadcast ``addcmul``; the ``1x1`` and identity branches
-        live on the centre tap only and are added to that slice in place.
+        A handful of operations whatever the branches, each one pass over the
+        kernel or over a ``C_out x C_in`` plane (the composition runs every
+        training step, and on small layers its cost is the operations' count,
+        not their size): the average path is the same ``C_out x C_in`` matrix
+        on every tap, so one broadcast ``addcmul`` adds it to the scaled
+        ``k x k`` kernel; the ``1x1`` branch plus the identity (each group's
+        block diagonal of scales) make the centre-tap plane, which a second
+        broadcast ``addcmul`` adds through a constant one-hot tap indicator.
+        Nothing larger than that plane is kept for the backward pass.
         """
         c = self.config
         dtype = dtype or self.main.weight.dtype
         bc = (slice(None),) + (None,) * (len(c.weight_shape()) - 1)
         s = {n: p.to(dtype) for n, p in self.scales.items()}
-        main = self.main.weight.to(dtype)
-        if self.aux is None:
-            w = s["main"][bc] * main
-            if self.has_identity:
-                w = w + delta_kernel(c, s["identity"])
-            return w
+        w = self.main.weight.to(dtype) * s["main"][bc]
+        if self.aux is None:  # one tap (a 1x1 conv, a Linear): the identity goes straight onto the kernel
+            return w + self._identity(s["identity"]).view(w.shape) if self.has_identity else w
         # avg path, (O, I/g, 1, ..): one value per (o, i), spread evenly over the taps
-        spread = self.avg_proj.weight.to(dtype) * (s["avg"] / c.ktaps)[bc]
-        w = torch.addcmul(spread, s["main"][bc], main)  # broadcast over the taps: one pass over the kernel
-        centre = self.aux.weight.to(dtype).flatten(1) * s["aux"][:, None]  # (O, I/g): the 1x1 branch
+        w = torch.addcmul(w, self.avg_proj.weight.to(dtype), s["avg"][bc], value=1.0 / c.ktaps)
+        centre = self.aux.weight.to(dtype) * s["aux"][bc]  # (O, I/g, 1, ..): the 1x1 branch
         if self.has_identity:
-            centre = centre + identity_matrix(c, s["identity"])
-        w[(Ellipsis, *c.center)] += centre
-        return w
+            centre = centre + self._identity(s["identity"]).view(centre.shape)
+        return torch.addcmul(w, centre, self._centre_tap(dtype, w.device))
+
+    def _identity(self, scale: torch.Tensor) -> torch.Tensor:
+        """The identity branch as ``(groups, C/groups, C/groups)``: each group's block is ``diag(scale)``
+        (in == out, so output ``o`` reads input ``o`` of its group); its backward keeps nothing."""
+        g = self.config.groups
+        return torch.diag_embed(scale.view(g, -1))
+
+    def _centre_tap(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The one-hot indicator of the kernel's centre tap, ``1 x 1 x k`` (a constant, made once per dtype
+        and device)."""
+        cache = self.__dict__.setdefault("_tap_cache", {})
+        if (dtype, device) not in cache:
+            c = self.config
+            tap = torch.zeros((1, 1, *c.kernel), dtype=dtype, device=device)
+            tap[(0, 0, *c.center)] = 1.0
+            cache[(dtype, device)] = tap
+        return cache[(dtype, device)]
 
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one (the reference the composed form is tested against)."""
