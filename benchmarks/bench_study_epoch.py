@@ -1,7 +1,8 @@
 """Does the study's time per epoch agree with the train-step benchmark? Both, side by side, in one run.
 
 Trains every method for one epoch through ``sntfx study`` (one seed, the
-study's own data pipeline and trainer), reads each run's epoch time, and
+study's own data pipeline, trainer and train stage, without the measurement
+stages), reads each run's epoch time, and
 then times the same model's training step with
 ``benchmarks/bench_train_step.py``'s interleaved rounds on random inputs of
 the same shape and batch. Each column is a ratio to Adam's; the two should
@@ -9,7 +10,7 @@ agree within noise (the study's epoch also loads data, which dilutes every
 ratio slightly towards 1).
 
     python benchmarks/bench_study_epoch.py                          # smallvgg on Fashion-MNIST (digits if absent)
-    python benchmarks/bench_study_epoch.py --model resnet20 --limit-batches 100
+    python benchmarks/bench_study_epoch.py --model resnet8 --limit-batches 100
 
 Run it alone on the machine: the study's epochs are timed one after another,
 not interleaved, so other load shifts its ratios.
@@ -26,11 +27,13 @@ import torch
 
 import bench_train_step as step_bench
 from sntfx.blocks import get_style
+from sntfx.io import atomic_write
 from sntfx.study import Study, StudyConfig
 from sntfx.study.config import _quick_data
 
 MODELS = {  # name: (study spec, bench kwargs)
     "smallvgg": ("sntfx:smallvgg", {"in_channels": 1, "num_classes": 10}),
+    "resnet8": ("sntfx:resnet8", {"in_channels": 1, "num_classes": 10}),  # the confirmation's residual network
     "resnet20": ("sntfx:resnet20", {"in_channels": 1, "num_classes": 10}),
 }
 METHODS = ["adam", "sam", "snt-linear", "snt-lin-branch", "snt-powerprop", "snt-qa-branch", "snt-branch"]
@@ -61,15 +64,14 @@ def main() -> None:
         config = StudyConfig(models=[spec], data=data, methods=methods, seeds=[0], epochs=1, batch_size=args.batch,
                              limit_batches=args.limit_batches, sparsities=[], channel_sparsities=[], bits=[],
                              act_bits=[], wanda_sparsities=[], nm_patterns=[], onnx=False)
-        study = Study(config, Path(tmp) / "study", stop_after=lambda run, stage: stage == "evaluate")
-        try:
-            study.run()
-        except KeyboardInterrupt:  # every run has trained; the measurements after training are not needed here
-            pass
+        study = Study(config, Path(tmp) / "study")
         epoch = {}
-        for run in study.runs():
-            history = json.loads((run.path / "train.json").read_text())["history"]
-            epoch[run.method.name] = history[0]["seconds"]
+        for index, run in enumerate(study.runs()):
+            # the study's own train stage, run by run; the measurements after it (the study runs each run's
+            # right after its training) are not needed here and would take longer than the epochs
+            study._check_run_dir(run, create=True)
+            study._stage(index, run, "train", 1.0, study._train)
+            epoch[run.method.name] = json.loads((run.path / "train.json").read_text())["history"][0]["seconds"]
         shape = tuple(study.data.info.input_shape(1)[1:])
     name = f"{args.model}-{data}"
     step_bench.MODELS[name] = (spec, kwargs, shape, args.batch, args.batch)
@@ -85,8 +87,9 @@ def main() -> None:
               f"{r['bench_vs_adam']:>9.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "data": data, "batch": args.batch, "threads": torch.get_num_threads(),
-                               "limit_batches": args.limit_batches, "rows": rows}, indent=2))
+    payload = {"model": args.model, "data": data, "batch": args.batch, "threads": torch.get_num_threads(),
+               "limit_batches": args.limit_batches, "rows": rows}
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
     print(f"wrote {out}")
 
 
