@@ -58,6 +58,10 @@ class LinearizedBranchBlock(SNTBlock):
         names = ["main"] + ["aux", "avg"] * multi_tap + ["identity"] * self.has_identity
         self.scales = nn.ParameterDict({n: nn.Parameter(torch.ones(c.out_features)) for n in names})
         self.bias = nn.Parameter(torch.zeros(c.out_features)) if c.bias else None
+        if multi_tap:  # the one-hot indicator of the centre tap, 1 x 1 x k: a constant of the composition
+            tap = torch.zeros((1, 1, *c.kernel))
+            tap[(0, 0, *c.center)] = 1.0
+            self.register_buffer("centre_tap", tap, persistent=False)  # follows .to(); not in the state dict
 
     # -- initialisation --------------------------------------------------------------
     def reset_parameters(self, gen: torch.Generator) -> None:
@@ -111,24 +115,13 @@ class LinearizedBranchBlock(SNTBlock):
         centre = self.aux.weight.to(dtype) * s["aux"][bc]  # (O, I/g, 1, ..): the 1x1 branch
         if self.has_identity:
             centre = centre + self._identity(s["identity"]).view(centre.shape)
-        return torch.addcmul(w, centre, self._centre_tap(dtype, w.device))
+        return torch.addcmul(w, centre, self.centre_tap.to(dtype))
 
     def _identity(self, scale: torch.Tensor) -> torch.Tensor:
         """The identity branch as ``(groups, C/groups, C/groups)``: each group's block is ``diag(scale)``
         (in == out, so output ``o`` reads input ``o`` of its group); its backward keeps nothing."""
         g = self.config.groups
         return torch.diag_embed(scale.view(g, -1))
-
-    def _centre_tap(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The one-hot indicator of the kernel's centre tap, ``1 x 1 x k`` (a constant, made once per dtype
-        and device)."""
-        cache = self.__dict__.setdefault("_tap_cache", {})
-        if (dtype, device) not in cache:
-            c = self.config
-            tap = torch.zeros((1, 1, *c.kernel), dtype=dtype, device=device)
-            tap[(0, 0, *c.center)] = 1.0
-            cache[(dtype, device)] = tap
-        return cache[(dtype, device)]
 
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one (the reference the composed form is tested against)."""
