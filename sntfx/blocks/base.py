@@ -174,11 +174,10 @@ class LayerConfig:
 def identity_matrix(config: LayerConfig, scale: torch.Tensor) -> torch.Tensor:
     """The identity as a ``C_out x C_in/groups`` matrix, scaled per output channel (differentiable in ``scale``).
 
-    Output channel ``o`` reads input channel ``o`` within its group. Needs ``in == out``.
+    Output channel ``o`` reads input channel ``o`` within its group. Needs ``in == out``: each group's
+    block is then ``diag(scale)`` (one ``diag_embed``, whose backward keeps nothing).
     """
-    idx = torch.arange(config.out_features, device=scale.device)
-    w = torch.zeros(config.out_features, config.in_features // config.groups, dtype=scale.dtype, device=scale.device)
-    return w.index_put((idx, idx % w.shape[1]), scale)
+    return torch.diag_embed(scale.view(config.groups, -1)).reshape(config.out_features, -1)
 
 
 def delta_kernel(config: LayerConfig, scale: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop
+from .base import _CONV_FN, LayerConfig, SNTBlock, _sub_conv, _uniform_, centre_crop, identity_matrix
 from .registry import register_style
 
 __all__ = ["LinearizedBranchBlock"]
@@ -109,19 +109,13 @@ class LinearizedBranchBlock(SNTBlock):
         s = {n: p.to(dtype) for n, p in self.scales.items()}
         w = self.main.weight.to(dtype) * s["main"][bc]
         if self.aux is None:  # one tap (a 1x1 conv, a Linear): the identity goes straight onto the kernel
-            return w + self._identity(s["identity"]).view(w.shape) if self.has_identity else w
+            return w + identity_matrix(c, s["identity"]).view(w.shape) if self.has_identity else w
         # avg path, (O, I/g, 1, ..): one value per (o, i), spread evenly over the taps
         w = torch.addcmul(w, self.avg_proj.weight.to(dtype), s["avg"][bc], value=1.0 / c.ktaps)
         centre = self.aux.weight.to(dtype) * s["aux"][bc]  # (O, I/g, 1, ..): the 1x1 branch
         if self.has_identity:
-            centre = centre + self._identity(s["identity"]).view(centre.shape)
+            centre = centre + identity_matrix(c, s["identity"]).view(centre.shape)
         return torch.addcmul(w, centre, self.centre_tap.to(dtype))
-
-    def _identity(self, scale: torch.Tensor) -> torch.Tensor:
-        """The identity branch as ``(groups, C/groups, C/groups)``: each group's block is ``diag(scale)``
-        (in == out, so output ``o`` reads input ``o`` of its group); its backward keeps nothing."""
-        g = self.config.groups
-        return torch.diag_embed(scale.view(g, -1))
 
     def forward_explicit(self, x: torch.Tensor) -> torch.Tensor:
         """The branches one by one (the reference the composed form is tested against)."""
