@@ -11,7 +11,9 @@ measures, on this machine:
 
 - a plain 3x3 convolution's forward + backward, per forward multiply-add (the unit);
 - one elementwise pass (``torch.mul`` into a preallocated output), per element, in that unit: ``ELEMENT_MACS``;
-- each online style's composition, forward + backward, per kernel element, in passes;
+- each online style's composition, forward + backward, per kernel element, and beyond its multiply-adds in
+  passes per kernel element (``compose_passes`` counts passes over ``SNTBlock.compose_elements()``: the
+  kernel for an elementwise style, the factors and products for ``linear``, 22 times a 64-channel kernel);
 - the trainer's (fused) Adam update, per parameter element, in passes;
 - each online style's fixed cost per call, in units (``call_overhead``, cost model 3): a block on a
   tiny kernel and input, forward through its composed kernel and backward, minus the plain layer's
@@ -45,6 +47,7 @@ import torch
 from torch import nn
 
 from sntfx.blocks import get_style, make_block, style_names
+from sntfx.io import atomic_write
 from sntfx.train import TrainConfig, Trainer
 
 
@@ -172,7 +175,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
-    out.write_text(json.dumps({"meta": meta, **rows}, indent=1))
+    atomic_write(out, lambda tmp: tmp.write_text(json.dumps({"meta": meta, **rows}, indent=1)))
     print(f"wrote {out}")
 
 

@@ -264,8 +264,8 @@ def main() -> None:
     if bad:
         parser.error(f"unknown style(s) {bad}; choose from {', '.join(style_names())}")
     cost_models = [int(k) for k in args.cost_models.split(",")] if args.cost_models else None
-    if cost_models and not set(cost_models) <= {1, 2, 3}:
-        parser.error(f"unknown cost model(s) in {args.cost_models}; the snt pass has 1, 2 and 3")
+    if cost_models and not set(cost_models) <= {1, 2, 3, 4}:
+        parser.error(f"unknown cost model(s) in {args.cost_models}; the snt pass has 1, 2, 3 and 4")
     variants = variant_names(styles, explicit=not args.online_only, cost_models=cost_models)
     print(f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads; {args.rounds} interleaved "
           f"rounds x {args.steps} steps; x Adam: median of the per-round ratios (quartiles beside it)", flush=True)

@@ -29,7 +29,9 @@ over the kernel), and its extra parameters add gradient and optimizer work
 layer itself. Each call of an online block also costs a fixed amount
 whatever its kernel's size (``SNTBlock.call_overhead``: dispatching the
 composition's operations forward and backward), which adds up over a deep
-model of small layers (ResNet-56). ``budget`` bounds it: the blocks' extra work may be at most
+model of small layers (ResNet-56); and composing by matrix products makes
+memory-bound passes over tensors much larger than the kernel (``linear`` x4's
+core has 16 times the kernel's elements: ``SNTBlock.compose_elements``). ``budget`` bounds it: the blocks' extra work may be at most
 ``budget`` times the plain model's conv/linear multiply-adds per step at
 ``batch_size`` (measured on the example inputs' shapes; memory-bound work
 converted with the calibrated ``sntfx.blocks.base.ELEMENT_MACS``); the layers
@@ -87,13 +89,17 @@ OVER_MEMORY = "skip: over the training-memory budget"
 #: nothing for extra parameters (recipes saved with it replay with it); 2 is the calibrated model
 #: (``SNTBlock.compose_cost`` and ``parameter_cost``), which did not count blocks below ``MIN_COUNTED``;
 #: 3 adds each block's fixed cost per call (``SNTBlock.call_overhead``) and counts every block (model 2's
-#: exemptions add up over many small blocks: ``linear`` on ResNet-56 measured 1.13x Adam within a 10% budget).
-COST_MODEL = 3
+#: exemptions add up over many small blocks: ``linear`` on ResNet-56 measured 1.13x Adam within a 10% budget);
+#: 4 counts a composition's memory-bound passes over the tensors it makes and reads (``SNTBlock.compose_elements``:
+#: ``linear``'s factors, intermediate product and layout copy, 22x its 64-channel kernel) instead of over the
+#: kernel alone (model 3 put ResNet-56's 46 ``linear`` compositions at 46 ms of a step, measured 84 ms; model 4
+#: at 76 ms). Only ``linear`` changes: the elementwise styles' compositions pass over the kernel.
+COST_MODEL = 4
 #: Under cost model 2, a block whose extra work per step is below this many units (about 0.3 ms on the
 #: calibration CPU) is not counted against the budget: at that size a step's time is set by per-operation
 #: overhead, which that model does not describe.
 MIN_COUNTED = 10_000_000
-#: Under cost model 3 the blocks may always add this many units (about 2 ms per step on the calibration
+#: Under cost models 3 and 4 the blocks may always add this many units (about 2 ms per step on the calibration
 #: CPU), whatever the budget: a small model's step is mostly per-operation overhead, a budget relative to
 #: its multiply-adds would leave it nothing, and a couple of milliseconds per step do not limit training.
 MIN_SPENT = 65_000_000
@@ -164,8 +170,8 @@ class SNTExpand(Pass):
                 raise ValueError(f"{name} must be a fraction >= 0 (e.g. 0.1) or None, got {value!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if cost_model not in (1, 2, 3):
-            raise ValueError(f"cost_model must be 1, 2 or 3, got {cost_model!r}")
+        if cost_model not in (1, 2, 3, 4):
+            raise ValueError(f"cost_model must be 1, 2, 3 or 4, got {cost_model!r}")
         if plain_layers is not None and (isinstance(plain_layers, str)
                                          or not all(isinstance(p, str) for p in plain_layers)):
             raise ValueError(f"plain_layers must be a list of layer names, got {plain_layers!r}")
@@ -296,7 +302,7 @@ class SNTExpand(Pass):
                 once = block.compose_macs() or math.prod(block.config.weight_shape())
                 extra[path] = min(once * max(len(calls[path]), 1), max(chain, 0))
                 continue
-            once = block.compose_cost() + (block.call_overhead if self.cost_model >= 3 else 0)
+            once = block.compose_cost(self.cost_model) + (block.call_overhead if self.cost_model >= 3 else 0)
             compose = once * max(len(calls[path]), 1)
             if not block.always_composes:
                 compose = min(compose, max(chain, 0))

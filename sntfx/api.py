@@ -126,7 +126,7 @@ def transform(
             (None: expand every eligible layer). See the ``snt`` pass.
         memory_budget: with ``budget``, the most the blocks may add to a training step's memory, as a
             fraction of the plain model's at ``batch_size`` (None: no memory limit).
-        cost_model: how ``budget`` reckons a block's extra work (1, 2 or 3; None: the snt pass's default,
+        cost_model: how ``budget`` reckons a block's extra work (1, 2, 3 or 4; None: the snt pass's default,
             ``sntfx.passes.snt_expand.COST_MODEL``). Recipes record it, so a saved model reloads the same way.
 
     Example::

@@ -385,7 +385,7 @@ def test_the_recipe_records_the_budgets_choice_and_old_recipes_replay_the_first_
     assert step["params"]["plain_layers"] == ["classifier.0"] and step["params"]["cost_model"] == 2
     default = sntfx.transform("sntfx:smallvgg", x, style="powerprop")
     recorded = next(p for p in default.meta["sntfx"]["pipeline"] if p["name"] == "snt")["params"]
-    assert recorded["cost_model"] == COST_MODEL == 3
+    assert recorded["cost_model"] == COST_MODEL == 4
     sntfx.save(gm, tmp_path / "m.pt")
     monkeypatch.setattr(base, "ELEMENT_MACS", 0)  # a recalibration that would now expand it
     assert isinstance(expand().get_submodule("classifier.0"), SNTBlock)
@@ -397,7 +397,7 @@ def test_the_recipe_records_the_budgets_choice_and_old_recipes_replay_the_first_
     replayed = SNTExpand(**{**SNTExpand.legacy_params, **legacy})
     assert replayed.cost_model == 1 and replayed.plain_layers is None
     with pytest.raises(ValueError, match="cost_model"):
-        SNTExpand(cost_model=4)
+        SNTExpand(cost_model=5)
     with pytest.raises(ValueError, match="plain_layers"):
         SNTExpand(plain_layers="wide")
 
@@ -406,9 +406,10 @@ class _DeepNarrow(nn.Module):
     """``depth`` 16-channel 3x3 convs with ReLUs: many blocks whose kernels cost little to compose but whose calls
     each cost the same fixed overhead (a deep narrow ResNet in miniature)."""
 
-    def __init__(self, depth: int = 80):
+    def __init__(self, depth: int = 80, channels: int = 16):
         super().__init__()
-        self.body = nn.Sequential(*[m for _ in range(depth) for m in (nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())])
+        self.body = nn.Sequential(*[m for _ in range(depth)
+                                    for m in (nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU())])
 
     def forward(self, x):
         return self.body(x)
@@ -427,10 +428,10 @@ def test_cost_model_3_counts_each_blocks_fixed_call_cost(style, monkeypatch):
     plain = 80 * 128 * 16 * 16 * 9 * 8 * 8  # the convs' multiply-adds at batch 128
     every = [m for m in sntfx.transform(model, x, style=style, budget=None).modules() if isinstance(m, SNTBlock)]
     assert len(every) == 80 and every[0].call_overhead > 0
-    sized = sum(b.compose_cost() + b.parameter_cost() for b in every)
+    sized = sum(b.compose_cost(3) + b.parameter_cost() for b in every)
     counted = sized + sum(b.call_overhead for b in every)
     budget = (sized + counted) / 2 / plain
-    assert budget * plain > MIN_SPENT and all(b.compose_cost() + b.parameter_cost() < MIN_COUNTED for b in every)
+    assert budget * plain > MIN_SPENT and all(b.compose_cost(3) + b.parameter_cost() < MIN_COUNTED for b in every)
 
     def expand(cost_model):
         return PassManager([SNTExpand(style=style, budget=budget, cost_model=cost_model, memory_budget=None)]).run(
@@ -440,9 +441,46 @@ def test_cost_model_3_counts_each_blocks_fixed_call_cost(style, monkeypatch):
     result = expand(3)
     kept = [m for m in result.graph_module.modules() if isinstance(m, SNTBlock)]
     assert 0 < len(kept) < 80 and result.passes[0].stats[OVER_BUDGET] == 80 - len(kept)
-    assert sum(b.compose_cost() + b.call_overhead + b.parameter_cost() for b in kept) <= budget * plain
+    assert sum(b.compose_cost(3) + b.call_overhead + b.parameter_cost() for b in kept) <= budget * plain
     monkeypatch.setattr(type(kept[0]), "call_overhead", 0.0)
     assert sum(isinstance(m, SNTBlock) for m in expand(3).graph_module.modules()) == 80
+
+
+def test_cost_model_4_counts_linears_passes_over_its_factors_and_products(monkeypatch):
+    """Composing linear x4 on a 64-channel 3x3 kernel (36,864 elements) passes over its factors (589,824 + 2 x
+    16,384), the intermediate product (147,456) and the kernel: 806,912 elements, where cost model 3 counted the
+    kernel's. Styles that compose elementwise cost the same under both. On 12 such layers, at a budget between
+    what models 3 and 4 say they cost, model 3 expands all 12 and model 4 only what its own count fits."""
+    from sntfx.blocks.base import ELEMENT_MACS
+    from sntfx.blocks.lin_branch import LinearizedBranchBlock
+    from sntfx.blocks.powerprop import PowerPropagation
+
+    config = LayerConfig.from_module(nn.Conv2d(64, 64, 3, padding=1, bias=False))
+    block = LinearExpansion(config, 4)
+    assert block.compose_elements() == 589_824 + 2 * 16_384 + 147_456 + 36_864
+    assert block.compose_cost(4) - block.compose_cost(3) == pytest.approx(
+        ELEMENT_MACS * LinearExpansion.compose_passes * (806_912 - 36_864))
+    for style in (PowerPropagation, LinearizedBranchBlock):
+        assert style(config).compose_cost(4) == style(config).compose_cost(3) > 0
+    x = torch.randn(2, 64, 8, 8)
+    model = _DeepNarrow(depth=12, channels=64)
+    plain = 12 * 128 * 64 * 64 * 9 * 8 * 8
+
+    def per_block(b, cost_model):
+        return b.compose_cost(cost_model) + b.call_overhead + b.parameter_cost()
+
+    every = [m for m in sntfx.transform(model, x, style="linear", budget=None).modules() if isinstance(m, SNTBlock)]
+    budget = (sum(per_block(b, 3) for b in every) + sum(per_block(b, 4) for b in every)) / 2 / plain
+
+    def expand(cost_model):
+        gm = PassManager([SNTExpand(style="linear", budget=budget, cost_model=cost_model, memory_budget=None)]).run(
+            sntfx.trace(model, x), PassContext(example_inputs=(x,))).graph_module
+        return [m for m in gm.modules() if isinstance(m, SNTBlock)]
+
+    assert len(expand(3)) == 12
+    kept = expand(4)
+    assert 0 < len(kept) < 12 and sum(per_block(b, 4) for b in kept) <= budget * plain
+    assert len(kept) == int(budget * plain // per_block(kept[0], 4))  # identical blocks: as many as fit
 
 
 def test_budget_is_validated_and_ignores_styles_without_composition():

@@ -330,32 +330,42 @@ class SNTBlock(nn.Module):
         """Multiply-accumulates of this block's own (explicit) forward."""
         raise NotImplementedError
 
-    #: Memory-bound passes over the kernel that composing it once makes, forward and backward (styles that
-    #: train online set it; calibrated with ``benchmarks/bench_compose_cost.py``).
+    #: Memory-bound passes over ``compose_elements`` that composing the kernel once makes, forward and backward
+    #: (styles that train online set it; calibrated with ``benchmarks/bench_compose_cost.py``).
     compose_passes: float = 0.0
     #: Whether an online block composes at every call (False: it runs its explicit form where that is
     #: cheaper, as ``linear`` does on few positions).
     always_composes: bool = True
     #: Fixed cost of one call of an online block beyond the plain layer's, forward and backward, in the
     #: units of ``ELEMENT_MACS``: dispatching the composition's operations and their backward, whatever
-    #: the kernel's size (the budget's cost model 3; calibrated with ``benchmarks/bench_compose_cost.py``).
+    #: the kernel's size (the budget's cost models 3 and 4; calibrated with ``benchmarks/bench_compose_cost.py``).
     call_overhead: float = 0.0
 
     def compose_macs(self) -> int:
         """Multiply-accumulates of composing the kernel once by matrix products (0 for elementwise styles)."""
         return 0
 
-    def compose_cost(self) -> float:
+    def compose_elements(self) -> int:
+        """Elements of the tensors that composing the kernel once passes over, forward and backward, which
+        ``compose_passes`` counts passes over (the budget's cost model 4): by default the kernel's own. A style
+        whose composition makes tensors larger than the kernel (factors, intermediate products, the layout
+        copies a matrix product needs) counts them."""
+        return math.prod(self.config.weight_shape())
+
+    def compose_cost(self, cost_model: int = 4) -> float:
         """Work of composing the kernel once, forward and backward, in forward-MAC units (see ``ELEMENT_MACS``).
 
         It does not depend on the batch or the feature map, which is why it can
         dominate a layer that runs on few positions (a wide layer on a small
         map); the expand pass's ``budget`` uses it. A style that does not train
-        online composes nothing.
+        online composes nothing. ``cost_model`` below 4 (the snt pass's
+        ``cost_model``, kept for old recipes) counts the passes over the
+        kernel's own elements whatever the style.
         """
         if not self.trains_online:
             return 0.0
-        return self.compose_macs() + ELEMENT_MACS * self.compose_passes * math.prod(self.config.weight_shape())
+        elements = self.compose_elements() if cost_model >= 4 else math.prod(self.config.weight_shape())
+        return self.compose_macs() + ELEMENT_MACS * self.compose_passes * elements
 
     def extra_parameters(self) -> int:
         """Parameter elements this block has beyond the layer's weight and bias."""

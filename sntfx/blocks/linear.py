@@ -46,9 +46,13 @@ class LinearExpansion(SNTBlock):
     """
 
     style = "linear"
-    #: besides the matrix products' multiply-adds (compose_macs): per-operation overhead and the composed
-    #: tensor, measured 53 passes per kernel element at 64 channels, 1 at 256, none at 512 (where the
-    #: products run faster than a conv); a few passes over the kernel (bench_compose_cost.py)
+    #: besides the matrix products' multiply-adds (compose_macs): passes over compose_elements (factors,
+    #: intermediate product, layout copy, kernel). Measured on a quiet 2-core x86 CPU (bench_compose_cost.py,
+    #: cpu-compose-cost-3.json): 2.4 passes at 32 channels, 3.2 at 64 (3.25 in an earlier run), 0.7-1.0 at
+    #: 128-256, none at 512 (where the products run faster than a conv). 4 (cost model 3's value, which
+    #: counted passes over the kernel alone) over-counts the isolated composition a little at 32-64 channels,
+    #: where budgets bind; inside a training step it costs more than alone (ResNet-56's compositions: 84 ms
+    #: measured in the step, 76 ms by this count).
     compose_passes = 4.0
     #: two einsums, their reshapes and their backward: 842 us per call beyond the plain conv's on a 2-core
     #: x86 CPU whose conv unit is 68 ps (bench_compose_cost.py; cpu-compose-cost-call-overhead.json)
@@ -162,6 +166,12 @@ class LinearExpansion(SNTBlock):
     def compose_macs(self) -> int:
         """The cheaper composition order's multiply-adds (the bias's are negligible)."""
         return min(self._compose_orders)
+
+    def compose_elements(self) -> int:
+        """The three factors (read, and their gradients written), the intermediate product, the composed kernel
+        and the core's layout copy (:meth:`saved_numel`): at ratio r the core alone has r^2 times the kernel's
+        elements, which is what makes a composition of 16-64 channels cost twice its multiply-adds."""
+        return sum(p.numel() for p in self.parameters()) + self.saved_numel()
 
     def saved_numel(self) -> int:
         """The composed kernel, the intermediate product, and (composing ``W3 (W2 W1)`` a kernel with
