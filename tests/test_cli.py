@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -95,7 +96,11 @@ def test_transform_zoo_spec_with_policy_and_kwargs(runner, tmp_path):
     out_file = tmp_path / "r20.pt"
     out = _ok(runner.invoke(cli, ["transform", "sntfx:resnet20", "--out", str(out_file), "--policy", str(policy),
                                   "--kwargs", '{"num_classes": 7}']))
-    assert "skip: last layer: 1" in out and "expanded: linear: 21" in out
+    assert "skip: last layer: 1" in out
+    # the policy's 21 other layers expand, but those the training-cost budget leaves plain (its cost model decides)
+    expanded = int(re.search(r"expanded: linear: (\d+)", out).group(1))
+    over = re.search(r"skip: over the training-cost budget: (\d+)", out)
+    assert expanded >= 15 and expanded + (int(over.group(1)) if over else 0) == 21
     gm = sntfx.load(out_file)
     assert gm.get_submodule("fc").out_features == 7
 

@@ -446,7 +446,7 @@ def test_cost_model_3_counts_each_blocks_fixed_call_cost(style, monkeypatch):
     assert sum(isinstance(m, SNTBlock) for m in expand(3).graph_module.modules()) == 80
 
 
-def test_cost_model_4_counts_linears_passes_over_its_factors_and_products(monkeypatch):
+def test_cost_model_4_counts_linears_passes_over_its_factors_and_products():
     """Composing linear x4 on a 64-channel 3x3 kernel (36,864 elements) passes over its factors (589,824 + 2 x
     16,384), the intermediate product (147,456) and the kernel: 806,912 elements, where cost model 3 counted the
     kernel's. Styles that compose elementwise cost the same under both. On 12 such layers, at a budget between

@@ -170,7 +170,7 @@ class LinearExpansion(SNTBlock):
     def compose_elements(self) -> int:
         """The three factors (read, and their gradients written), the intermediate product, the composed kernel
         and the core's layout copy (:meth:`saved_numel`): at ratio r the core alone has r^2 times the kernel's
-        elements, which is what makes a composition of 16-64 channels cost twice its multiply-adds."""
+        elements, which is what makes a composition of 32-64 channels cost about twice its multiply-adds."""
         return sum(p.numel() for p in self.parameters()) + self.saved_numel()
 
     def saved_numel(self) -> int:
