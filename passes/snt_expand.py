@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
+from sntfx.blocks.base import LATEST_COST_MODEL
 from sntfx.graph_utils import (call_sites, find_bias_sink, is_plain, output_shape, saved_for_backward, set_module,
                                shared_parameter_owners)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
@@ -94,7 +95,7 @@ OVER_MEMORY = "skip: over the training-memory budget"
 #: ``linear``'s factors, intermediate product and layout copy, 22x its 64-channel kernel) instead of over the
 #: kernel alone (model 3 put ResNet-56's 46 ``linear`` compositions at 46 ms of a step, measured 84 ms; model 4
 #: at 76 ms). Only ``linear`` changes: the elementwise styles' compositions pass over the kernel.
-COST_MODEL = 4
+COST_MODEL = LATEST_COST_MODEL
 #: Under cost model 2, a block whose extra work per step is below this many units (about 0.3 ms on the
 #: calibration CPU) is not counted against the budget: at that size a step's time is set by per-operation
 #: overhead, which that model does not describe.

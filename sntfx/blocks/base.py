@@ -25,6 +25,8 @@ _CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
 #: one pass over one tensor element (two reads, one write, from memory rather than cache) took 0.52 ns
 #: there, 16.9 units.
 ELEMENT_MACS = 17
+#: The newest of the ``snt`` pass's budget cost models (its default, ``COST_MODEL``; see ``compose_cost``).
+LATEST_COST_MODEL = 4
 #: Passes over each parameter element per step for the trainer's fused Adam update (measured 1.4-1.8)
 #: and for accumulating its gradient (one).
 OPTIMIZER_PASSES = 2.5
@@ -352,7 +354,7 @@ class SNTBlock(nn.Module):
         copies a matrix product needs) counts them."""
         return math.prod(self.config.weight_shape())
 
-    def compose_cost(self, cost_model: int = 4) -> float:
+    def compose_cost(self, cost_model: int = LATEST_COST_MODEL) -> float:
         """Work of composing the kernel once, forward and backward, in forward-MAC units (see ``ELEMENT_MACS``).
 
         It does not depend on the batch or the feature map, which is why it can
