@@ -28,8 +28,7 @@ import torch
 import bench_train_step as step_bench
 from sntfx.blocks import get_style
 from sntfx.io import atomic_write
-from sntfx.study import Study, StudyConfig
-from sntfx.study.config import _quick_data
+from sntfx.study import Study, StudyConfig, quick_data
 
 MODELS = {  # name: (study spec, bench kwargs)
     "smallvgg": ("sntfx:smallvgg", {"in_channels": 1, "num_classes": 10}),
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default="bench-results/study_epoch.json")
     args = parser.parse_args()
-    data = _quick_data()  # Fashion-MNIST where installed, else digits (as the quick preset)
+    data = quick_data()  # Fashion-MNIST where installed, else digits (as the quick preset)
     spec, kwargs = MODELS[args.model]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
 
@@ -66,12 +65,10 @@ def main() -> None:
                              act_bits=[], wanda_sparsities=[], nm_patterns=[], onnx=False)
         study = Study(config, Path(tmp) / "study")
         epoch = {}
-        for index, run in enumerate(study.runs()):
+        for run in study.runs():
             # the study's own train stage, run by run; the measurements after it (the study runs each run's
             # right after its training) are not needed here and would take longer than the epochs
-            study._check_run_dir(run, create=True)
-            study._stage(index, run, "train", 1.0, study._train)
-            epoch[run.method.name] = json.loads((run.path / "train.json").read_text())["history"][0]["seconds"]
+            epoch[run.method.name] = study.train_run(run)["history"][0]["seconds"]
         shape = tuple(study.data.info.input_shape(1)[1:])
     name = f"{args.model}-{data}"
     step_bench.MODELS[name] = (spec, kwargs, shape, args.batch, args.batch)

@@ -429,6 +429,39 @@ def test_processes_sharing_a_study_folder_skip_the_runs_another_one_holds(tmp_pa
     assert len(results["runs"]) == 4 and (tmp_path / "results.json").is_file() and (tmp_path / "report.md").is_file()
 
 
+def test_a_run_trains_alone_through_the_public_entry_and_the_study_measures_it_later(tmp_path):
+    """``Study.train_run`` is the study's train stage for one run: train.json and the folded weights, no
+    measurement; a second call trains nothing; a held run or a run of another study is refused; ``run()`` then
+    only measures it."""
+    from dataclasses import replace
+
+    from sntfx.io import try_lock
+    from sntfx.study.runner import LOCK
+
+    config = StudyConfig(**TINY, methods=["adam", "snt-linear"], seeds=[0], onnx=False)
+    study = Study(config, tmp_path)
+    adam, snt = study.runs()
+    trained = study.train_run(snt)
+    assert study.executed == [(snt.label, "train")]
+    assert trained == json.loads((snt.path / "train.json").read_text())
+    assert len(trained["history"]) == config.epochs and trained["fold"]["rel_error"] <= 1e-4
+    assert trained["params_trained"] > trained["params_deployed"]  # trained expanded, stored folded
+    assert (snt.path / "model.pt").is_file() and not list(snt.path.glob("evaluate*.json"))
+    assert not adam.path.exists()  # nothing else of the study ran
+    assert study.train_run(snt) == trained and study.executed == [(snt.label, "train")]  # done: not again
+    adam.path.mkdir(parents=True)
+    with try_lock(adam.path / LOCK) as mine:  # "another process" is computing Adam seed 0
+        assert mine
+        with pytest.raises(SntfxError, match="another process is computing"):
+            Study(config, tmp_path).train_run(adam)
+    with pytest.raises(SntfxError, match="not a run of this study"):
+        study.train_run(replace(snt, seed=7))
+    later = Study(config, tmp_path)
+    later.run()
+    assert [(label, stage) for label, stage in later.executed if label == snt.label] == [
+        (snt.label, "evaluate"), (snt.label, "sweep")]
+
+
 def test_a_run_let_go_while_another_is_still_held_is_computed_and_no_report_is_written(tmp_path, monkeypatch):
     """Of two held runs, one is let go while the process is busy: it computes that one, and still writes no
     report, because the other run is not done."""

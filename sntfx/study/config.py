@@ -260,7 +260,8 @@ def _example(f) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def _quick_data() -> str:
+def quick_data() -> str:
+    """The quick preset's data: ``"fashion-mnist"`` where it is installed, else ``"digits"`` (always present)."""
     from ..data import FASHION_MNIST_DIRS, _find
 
     installed = any(_find(Path(folder), "train-images-idx3-ubyte") for folder in FASHION_MNIST_DIRS)
@@ -315,7 +316,7 @@ def preset_config(name: str | None, overrides: dict[str, Any]) -> StudyConfig:
         if name not in PRESETS:
             raise SntfxError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
         table = PRESETS[name]
-        data = given.get("data") or (_quick_data() if name == "quick" else next(iter(table)))
+        data = given.get("data") or (quick_data() if name == "quick" else next(iter(table)))
         values = dict(table.get(data) or next(iter(table.values())))
         values["data"] = data
         values["preset"] = name

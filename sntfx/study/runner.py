@@ -394,6 +394,24 @@ class Study:
         write_report(results, self.out)
         return results
 
+    def train_run(self, run: Run) -> dict[str, Any]:
+        """Train ``run`` alone (resuming its checkpoint), without its measurement stages; returns ``train.json``.
+
+        The study's own train stage: the same data, seed, trainer, fold check
+        and files as ``run()`` gives it, for tools that need a run's training
+        and not its measurements (``benchmarks/bench_study_epoch.py`` times the
+        study's epochs this way). A run already trained is not trained again.
+        Another process computing the same run makes this fail rather than wait.
+        """
+        if run not in self.runs():
+            raise SntfxError(f"{run.label} is not a run of this study; pick one of study.runs()")
+        self._check_run_dir(run, create=True)
+        with self._claim(run, 1) as mine:
+            if not mine:
+                raise SntfxError(f"{run.label}: another process is computing this run; wait for it to finish")
+            self._stage(self.runs().index(run), run, "train", 1.0, self._train)
+        return json.loads(self.result_path(run, "train").read_text())
+
     def _check_sharers(self, runs: list[Run]) -> None:
         """Refuse to join processes at work on this folder with other measurement settings: each would redo the
         other's stages over and over.
