@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import inspect
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -197,10 +198,34 @@ def get_pass_class(name: str) -> type[Pass]:
 def pass_from_spec(name: str, params: dict[str, Any]) -> Pass:
     """Instantiate a registered pass; bad parameters become a PipelineError."""
     cls = get_pass_class(name)
+    accepted = _parameters(cls)
+    if accepted is not None:
+        unknown = [key for key in params if key not in accepted]
+        if unknown:
+            listing = (f"its parameters (with defaults): {', '.join(accepted.values())}" if accepted
+                       else "it takes no parameters")
+            raise PipelineError(f"pass '{name}' has no parameter {', '.join(repr(k) for k in unknown)}; {listing}")
     try:
         return cls(**params)
     except (TypeError, ValueError, SntfxError) as exc:
         raise PipelineError(f"pass '{name}': bad parameters {params}: {exc}") from exc
+
+
+def _parameters(cls: type) -> dict[str, str] | None:
+    """A pass's keyword parameters as ``{name: "name=default"}``; None where it takes ``**kwargs`` (any name)."""
+    if cls.__init__ is object.__init__:
+        return {}
+    try:
+        signature = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return None
+    out: dict[str, str] = {}
+    for p in list(signature.parameters.values())[1:]:
+        if p.kind is p.VAR_KEYWORD:
+            return None
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            out[p.name] = p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+    return out
 
 
 def _is_scalar(v: Any) -> bool:

@@ -36,7 +36,9 @@ def test_pipeline_string_roundtrip():
     [
         ("nope", "unknown pass 'nope'"),
         ("snt(style=wide)", "unknown style 'wide'"),
-        ("snt(colour=red)", "bad parameters"),
+        ("snt(colour=red)", r"pass 'snt' has no parameter 'colour'; its parameters \(with defaults\): style=None, "),
+        ("quantize(bits=8)", r"pass 'quantize' has no parameter 'bits'; its parameters.* wbits=8, abits=None,"),
+        ("fold(x=1)", "pass 'fold' has no parameter 'x'; it takes no parameters"),
         ("snt(style=", "missing value"),
         ("snt,", "ends with a comma"),
         ("", "empty pipeline"),
