@@ -72,7 +72,7 @@ from torch import nn
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
 from sntfx.blocks.base import LATEST_COST_MODEL
 from sntfx.graph_utils import (call_sites, find_bias_sink, is_plain, output_shape, saved_for_backward, set_module,
-                               shared_parameter_owners)
+                               shared_parameter_owners, unsupported_weight_layers)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET
 from sntfx.policy import Policy
@@ -81,6 +81,9 @@ from sntfx.tracing import propagate_shapes
 __all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET", "OVER_MEMORY", "COST_MODEL"]
 
 log = logging.getLogger(__name__)
+
+#: The layer classes the snt pass expands (subclasses too, when they keep the class's forward).
+SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 #: The stat counting layers left plain by the training-cost budget (``PassResult.stats``).
 OVER_BUDGET = "skip: over the training-cost budget"
@@ -220,6 +223,11 @@ class SNTExpand(Pass):
             elif node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
                 stats[f"skip: functional {FUNCTIONAL_LAYERS[node.target]}"] += 1
 
+        # conv/linear-like modules of other kinds (ConvTranspose2d, Conv3d, ...); custom forwards (kept as modules
+        # by a tracer that does not trace through them) are counted below, functional layers above
+        custom = Counter(type(modules[t]).__name__ for t in targets if not is_plain(modules[t], *SUPPORTED))
+        for kind, n in (unsupported_weight_layers(gm, *SUPPORTED, functional=False) - custom).items():
+            stats[f"skip: {kind} (no SNT form)"] += n
         # Layers the graph never calls sit inside an opaque (leaf) module.
         for path, mod in modules.items():
             if layer_kind(mod) and path not in targets and not _inside(path, targets) and not isinstance(mod, SNTBlock):
@@ -233,7 +241,7 @@ class SNTExpand(Pass):
         for index, path in enumerate(targets):
             layer = modules[path]
             kind = layer_kind(layer)
-            if not is_plain(layer, nn.Conv1d, nn.Conv2d, nn.Linear):
+            if not is_plain(layer, *SUPPORTED):
                 stats[f"skip: custom forward ({type(layer).__name__})"] += 1
                 continue
             if any(id(p) in shared for p in layer.parameters(recurse=False)):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks.base import LAYER_CLASSES, LAYER_TYPES
-from .graph_utils import is_plain
+from .graph_utils import is_plain, unsupported_weight_layers
 
 __all__ = ["prunable_layers", "check_fraction", "check_exclude", "select_layers", "LayerSelection"]
 
@@ -117,8 +117,11 @@ class LayerSelection:
         """:func:`select_layers` with this pass's options; counts ``excluded layers`` in ``stats`` when given."""
         layers, excluded = select_layers(gm, exclude=self.exclude, exclude_first=self.exclude_first,
                                          exclude_last=self.exclude_last)
-        if stats is not None and excluded:
-            stats["excluded layers"] = len(excluded)
+        if stats is not None:
+            if excluded:
+                stats["excluded layers"] = len(excluded)
+            for kind, n in unsupported_weight_layers(gm, *LAYER_CLASSES.values()).items():
+                stats[f"left as is: {kind} (not supported)"] = n
         return layers, excluded
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "output_shape",
     "shared_parameter_owners",
     "is_plain",
+    "unsupported_weight_layers",
     "randomize_",
     "mode",
 ]
@@ -91,6 +93,37 @@ def is_plain(module: nn.Module, *bases: type) -> bool:
             cls = type(module)
             return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
     return False
+
+
+#: Weighted layers called as functions (a traced custom ``forward`` that calls ``super().forward`` becomes one).
+FUNCTIONAL_WEIGHT_OPS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                         torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+                         torch.nn.functional.conv_transpose3d, torch.nn.functional.linear,
+                         torch.nn.functional.bilinear)
+
+
+def unsupported_weight_layers(gm: fx.GraphModule, *supported: type, functional: bool = True) -> Counter:
+    """Conv- and linear-like layers the graph calls that are not plain ``supported`` modules, by kind.
+
+    ``ConvTranspose2d``, ``Conv3d``, ``Bilinear``, a subclass with its own
+    ``forward`` kept as a module, and (``functional``) weighted layers the
+    graph calls as functions (``functional conv2d``): a pass that handles only
+    ``supported`` leaves these as they are, and says so by counting them
+    rather than skipping them silently.
+    """
+    weighted = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
+    seen: set[str] = set()
+    out: Counter = Counter()
+    for node in gm.graph.nodes:
+        if functional and node.op == "call_function" and node.target in FUNCTIONAL_WEIGHT_OPS:
+            out[f"functional {node.target.__name__}"] += 1
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        m = gm.get_submodule(node.target)
+        if isinstance(m, weighted) and not is_plain(m, *supported):
+            out[type(m).__name__] += 1
+    return out
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
