@@ -117,14 +117,47 @@ def resolve_providers(provider: str) -> list[str]:
     return chosen + [PROVIDERS["cpu"]]
 
 
-def check_onnx_model(path: str | Path) -> None:
-    """Raise :class:`ExportError` unless ONNX Runtime can load ``path`` (on the CPU)."""
-    ort_session(path, [PROVIDERS["cpu"]])
+def check_onnx_model(path: str | Path, image_shape: tuple[int, ...] | None = None) -> None:
+    """Raise :class:`ExportError` unless ONNX Runtime can load ``path`` (on the CPU) and, given ``image_shape``
+    (one image, without the batch), the model takes batches of such images as its one input."""
+    sess = ort_session(path, [PROVIDERS["cpu"]])
+    if image_shape is None:
+        return
+    inp = _one_image_input(path, sess.get_inputs())
+    fixed = [d if isinstance(d, int) else None for d in inp.shape[1:]]
+    if len(fixed) != len(image_shape) or any(d is not None and d != s for d, s in zip(fixed, image_shape)):
+        raise ExportError(f"'{path}' does not take this dataset's images: the model expects {inp.shape}, the images "
+                          f"are {list(image_shape)} (without the batch); measure it on the dataset it was exported for")
+
+
+def _one_image_input(path, inputs):
+    if len(inputs) != 1:
+        raise ExportError(f"'{path}' takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}), but a dataset "
+                          "gives one image batch: accuracy on a dataset needs a model of one input (benchmark it "
+                          "without --data)")
+    return inputs[0]
 
 
 def _input_shape(meta, batch: int) -> list[int]:
     return [batch if i == 0 and not isinstance(d, int) else (d if isinstance(d, int) else 1)
             for i, d in enumerate(meta.shape)]
+
+
+#: numpy types of the ONNX input element types a benchmark feeds (others are fed as float32)
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def _feeds(inputs, batch: int, rng) -> dict[str, np.ndarray]:
+    """Random values for every input of a session (normal floats, 0/1 integers), batch ``batch``."""
+    feeds = {}
+    for meta in inputs:
+        dtype = _NP_TYPES.get(meta.type, np.float32)
+        shape = _input_shape(meta, batch)
+        feeds[meta.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                            else rng.integers(0, 2, shape).astype(dtype))
+    return feeds
 
 
 def _fixed_batch(meta) -> int | None:
@@ -162,15 +195,14 @@ def bench_onnx(path: str | Path, *, provider: str = "auto", batch_sizes=(1, 8, 3
             warnings.append(f"{p} is not available in this ONNX Runtime build ({', '.join(available)})")
     sess = ort_session(path, requested)
     actual = sess.get_providers()
-    inp = sess.get_inputs()[0]
+    inputs = sess.get_inputs()
     rng = np.random.default_rng(seed)
-    fixed = _fixed_batch(inp)
+    fixed = _fixed_batch(inputs[0])
     sizes = list(batch_sizes)
     if fixed is not None and any(b != fixed for b in sizes):
         warnings.append(f"the model has a fixed batch size of {fixed}; export with --dynamic-batch to vary it")
         sizes = [fixed]
-    probe = {inp.name: rng.standard_normal(_input_shape(inp, sizes[0])).astype(np.float32)}
-    nodes = _node_providers(path, requested, probe)
+    nodes = _node_providers(path, requested, _feeds(inputs, sizes[0], rng))
     wanted_gpu = [p for p in requested if p != PROVIDERS["cpu"]]
     fallback = False
     if wanted_gpu and actual[0] == PROVIDERS["cpu"]:
@@ -185,8 +217,7 @@ def bench_onnx(path: str | Path, *, provider: str = "auto", batch_sizes=(1, 8, 3
     result = BenchResult(str(path), provider, actual[0], actual, nodes, fallback, warnings, _size(path))
     use_binding = actual[0] in (PROVIDERS["cuda"], PROVIDERS["tensorrt"])
     for b in sizes:
-        x = rng.standard_normal(_input_shape(inp, b)).astype(np.float32)
-        run = _runner(sess, inp.name, x, use_binding)
+        run = _runner(sess, _feeds(inputs, b, rng), use_binding)
         for _ in range(warmup):
             run()
         times = []
@@ -201,14 +232,15 @@ def bench_onnx(path: str | Path, *, provider: str = "auto", batch_sizes=(1, 8, 3
     return result
 
 
-def _runner(sess, name, x, use_binding):
+def _runner(sess, feeds: dict[str, np.ndarray], use_binding):
     if not use_binding:
-        return lambda: sess.run(None, {name: x})
+        return lambda: sess.run(None, feeds)
     import onnxruntime as ort
 
     binding = sess.io_binding()
-    x_dev = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
-    binding.bind_ortvalue_input(name, x_dev)
+    on_device = {name: ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0) for name, x in feeds.items()}
+    for name, value in on_device.items():
+        binding.bind_ortvalue_input(name, value)
     for out in sess.get_outputs():
         binding.bind_output(out.name, "cuda", 0)
 
@@ -236,7 +268,7 @@ def onnx_accuracy(path: str | Path, dataset, *, provider: str = "cpu", batch_siz
                   limit: int | None = None) -> float:
     """Top-1 accuracy of an ONNX classifier on a dataset of (image, label) pairs."""
     sess = ort_session(path, resolve_providers(provider))
-    inp = sess.get_inputs()[0]
+    inp = _one_image_input(path, sess.get_inputs())
     fixed = _fixed_batch(inp)
     bs = fixed or batch_size
     correct = total = 0

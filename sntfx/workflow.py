@@ -14,7 +14,8 @@ from .models import ModelSpec
 from .serialization import load
 from .tracing import sntfx_meta, trace
 
-__all__ = ["model_for_data", "is_model_file", "fit_to_data", "check_fits_data", "build_traced"]
+__all__ = ["model_for_data", "is_model_file", "fit_to_data", "check_fits_data", "check_saved_takes_data",
+           "build_traced"]
 
 
 def is_model_file(text: str) -> bool:
@@ -105,6 +106,38 @@ def check_fits_data(model: torch.nn.Module, info: DatasetInfo, *, what: str, kin
             f"model {what} outputs {shape} for a batch of 2, but {info.name} has {info.num_classes} classes: "
             f"build it with {info.num_classes} outputs: {hint}"
         )
+
+
+def check_saved_takes_data(model: torch.nn.Module, info: DatasetInfo, path: str) -> None:
+    """Refuse a saved (trained) model that does not take ``info``'s images or predict its classes, before a
+    command measures, calibrates or exports it on them; the error names the inputs it was saved for."""
+    spec = sntfx_meta(model).get("input_spec") or []
+    saved_for = ", ".join("x".join(str(d) for d in item["shape"][1:]) for item in spec)
+    graph = getattr(model, "graph", None)
+    placeholders = [n.name for n in graph.nodes if n.op == "placeholder" and not n.args] if graph is not None else []
+    if len(placeholders) > 1:
+        raise SntfxError(
+            f"model '{path}' takes {len(placeholders)} inputs ({', '.join(placeholders)}), but a dataset gives one "
+            f"image batch; measuring, calibrating or exporting it on {info.name} needs a model of one input (without "
+            "--data, export uses the input shapes it was saved with)")
+    hint = (f"it was saved for inputs of shape {saved_for} (without the batch): give the dataset it was "
+            "built for with --data, or transform the model again for this one" if saved_for else
+            f"give the dataset it was built for with --data, or transform the model again with --data {info.name}")
+    x = torch.zeros(info.input_shape(2))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as exc:
+        raise SntfxError(f"model '{path}' does not accept {info.name} images of shape {tuple(x.shape[1:])} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}") from exc
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SntfxError(f"model '{path}' outputs {shape} for a batch of 2, but {info.name} has {info.num_classes} "
+                         f"classes; {hint}")
 
 
 def build_traced(spec: ModelSpec, inputs: tuple, *, weights: Any = None, pretrained: bool | str = False,

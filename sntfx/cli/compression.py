@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..errors import SntfxError
 from ..quant import ACT_METHODS
+from ..workflow import check_saved_takes_data
 from .app import cli, console
 from .report import json_option, report as report_json
 from .console import TrainProgress, print_pass_report, train_progress
@@ -93,6 +94,8 @@ def prune(model, out, sparsity, method, scope, nm_pattern, importance, round_to,
         raise SntfxError(str(exc)) from exc
     gm = load_folded(model, source_file, trust_source)
     data = load_data(data_name, data_dir=data_dir) if data_name else None
+    if data is not None:
+        check_saved_takes_data(gm, data.info, model)
     before = accuracy(gm, data) if data else None
     with console.status("pruning ..."):
         report = apply_pass(gm, p, data, inplace=True)
@@ -158,6 +161,8 @@ def quantize(model, out, wbits, abits, granularity, method, method_alias, act_me
         raise SntfxError("--abits needs --data to calibrate the activation ranges on real images")
     gm = load_folded(model, source_file, trust_source)
     data = load_data(data_name, data_dir=data_dir) if data_name else None
+    if data is not None:
+        check_saved_takes_data(gm, data.info, model)
     before = accuracy(gm, data) if data else None
     report = apply_pass(gm, p, data, calib_batches=calib_batches, inplace=True)
     gm = report.graph_module
@@ -220,6 +225,8 @@ def sweep(models, data_name, data_dir, sparsities, channel_sparsities, bits, act
     names = unique_names(models)
     gms = {name: load_folded(m, source_file, trust_source) for name, m in zip(names, models)}
     data = load_data(data_name, data_dir=data_dir)
+    for m, gm in zip(models, gms.values()):  # every model is checked before anything is measured
+        check_saved_takes_data(gm, data.info, m)
     results = {}
     for name, gm in gms.items():
         with console.status(f"sweeping {name} ...") as status:

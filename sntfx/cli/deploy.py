@@ -74,6 +74,14 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
         from ..serialization import load
 
         gm = load(model, model_file=source_file, trust_source=trust_source)
+        if data is not None:
+            from ..workflow import check_saved_takes_data
+
+            check_saved_takes_data(gm, data.info, model)
+    elif data is not None and not shape:  # built for the dataset's images and classes, as `sntfx transform` does
+        from ..workflow import model_for_data
+
+        gm = model_for_data(model, data.info).eval()
     else:
         from ..api import trace
 
@@ -93,6 +101,10 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
             except ValueError as exc:
                 raise SntfxError(f"--exclude: {exc}") from exc
     if shape:
+        takes = [n.name for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(takes) > 1:
+            raise SntfxError(f"--input-shape gives one input, but '{model}' takes {len(takes)} ({', '.join(takes)}); "
+                             "leave it out to export with the input shapes the model was saved with")
         example = (torch.randn(shape),)
     elif data is not None:
         example = (torch.zeros(data.info.input_shape(1)),)
@@ -104,8 +116,10 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
     if data is not None:  # every verification sample is checked, in batches when the batch size is fixed
         verify = (torch.cat([x for x, _ in fixed_batches(data.test, batches=1, batch_size=verify_samples)]),)
     else:
-        gen = torch.Generator().manual_seed(0)
-        verify = (torch.randn(verify_samples, *example[0].shape[1:], generator=gen),)
+        gen = torch.Generator().manual_seed(0)  # random inputs shaped like every example input, batch verify_samples
+        verify = tuple(torch.randn(verify_samples, *t.shape[1:], generator=gen).to(t.dtype) if t.is_floating_point()
+                       else torch.randint(0, 2, (verify_samples, *t.shape[1:]), generator=gen).to(t.dtype)
+                       for t in example)
     with console.status("exporting to ONNX ..."):
         report = export_onnx(gm, out, example, opset=opset, dynamic_batch=dynamic_batch,
                              allow_expanded=allow_expanded, simplify=simplify, verify_inputs=verify,
@@ -178,9 +192,9 @@ def bench(models, provider, batch_sizes, iters, warmup, data_name, data_dir, out
     only_with(["data_dir"], data_name is not None, "--data NAME")
     from ..exporters.ort_bench import check_onnx_model
 
-    for path in models:  # every file is checked before anything is measured
-        check_onnx_model(path)
     data = load_data(data_name, data_dir=data_dir) if data_name else None
+    for path in models:  # every file is checked before anything is measured
+        check_onnx_model(path, tuple(data.info.input_shape(1)[1:]) if data is not None else None)
     results = []
     for path in models:
         with console.status(f"benchmarking {path} ..."):

@@ -152,6 +152,7 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
     from ..data import fixed_batches, load_data
     from ..io import atomic_write, check_output_path
     from ..serialization import load
+    from ..workflow import check_saved_takes_data
 
     out_path = check_output_path(out, list(models))
     only_with(["data_dir"], data_name is not None, "--data NAME")
@@ -162,6 +163,8 @@ def sharpness(models, data_name, data_dir, batches, batch_size, rho, iters, trac
             gm = do_fold(gm, inplace=True)
         loaded[name] = gm
     data = load_data(data_name, data_dir=data_dir, seed=seed)
+    for path, gm in zip(models, loaded.values()):
+        check_saved_takes_data(gm, data.info, path)
     fixed = fixed_batches(data.train, batches=batches, batch_size=batch_size, seed=seed)
     results, curves1, curves2 = {}, {}, {}
     for name, gm in loaded.items():
