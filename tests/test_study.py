@@ -950,3 +950,48 @@ def test_the_step_benchmark_writes_its_results_atomically_honouring_the_umask(tm
     assert json.loads(target.read_text()) == {"results": {"m": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left behind
     assert target.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_power_analysis_matches_a_simulated_paired_t_test_and_refuses_the_test_split(tmp_path, capsys):
+    """benchmarks/power.py: the noncentral-t power of the study's "helps" rule agrees with simulated paired t tests;
+    the detectable gain is where that power reaches 80%; more seeds are needed for smaller gains; the interval's
+    half-width is the study's own; test-split results are refused."""
+    import numpy as np
+
+    from sntfx.study import confidence_interval
+
+    power = _benchmark_script("power")
+    rng = np.random.default_rng(0)
+    for effect, sd, n in [(1.0, 1.0, 5), (0.5, 1.0, 10), (2.0, 3.0, 3)]:
+        gains = rng.normal(effect, sd, size=(40000, n))
+        lo = [confidence_interval(float(g.mean()), float(g.std(ddof=1)), n)[0] for g in gains[:2000]]
+        tstat = gains.mean(1) / (gains.std(1, ddof=1) / np.sqrt(n))
+        from scipy.stats import t as student
+
+        rejects = np.abs(tstat) > student.ppf(0.975, n - 1)
+        assert power.power(effect, sd, n) == pytest.approx(rejects.mean(), abs=0.01)
+        assert np.mean(np.array(lo) > 0) == pytest.approx(rejects[:2000].mean(), abs=0.005)  # the same rule
+    mde = power.detectable(0.02, 5)
+    assert power.power(mde, 0.02, 5) == pytest.approx(0.80, abs=1e-6) and power.power(0.9 * mde, 0.02, 5) < 0.8
+    assert power.seeds_needed(0.01, 0.02) > power.seeds_needed(0.02, 0.02) >= 2
+    assert power.seeds_needed(0.02, 0.004) == 3  # large gains against a small spread: far in the t tail, no NaN
+    assert power.power(0.0, 0.02, 5) == pytest.approx(0.05, abs=1e-6)  # no gain: the test's own 5%
+    assert power.power(0.01, 0.02, power.seeds_needed(0.01, 0.02)) >= 0.8
+    assert power.power(0.01, 0.02, power.seeds_needed(0.01, 0.02) - 1) < 0.8
+
+    def results(split, gains):
+        stat = {"mean": float(np.mean(gains)), "std": float(np.std(gains, ddof=1)), "n": len(gains)}
+        path = tmp_path / split / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"config": {"evaluate_on": split}, "summary": {"m": {"primary_scores": {
+            "snt-linear": {"pruning score": stat, "quantization score": stat}}}}}))
+        return str(path)
+
+    gains = [0.01, -0.02, 0.03, 0.0, 0.015]
+    rows = power.main([results("val", gains), "--effect", "2", "--out", str(tmp_path / "p.json")])
+    ci = confidence_interval(float(np.mean(gains)), float(np.std(gains, ddof=1)), 5)
+    assert len(rows) == 2 and rows[0]["ci95_upper"] == pytest.approx(ci[1])
+    assert rows[0]["seeds_for_effect"] == power.seeds_needed(0.02, float(np.std(gains, ddof=1)))
+    assert json.loads((tmp_path / "p.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit, match="validation"):
+        power.main([results("test", gains)])
