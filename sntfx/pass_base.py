@@ -57,6 +57,7 @@ __all__ = [
     "parse_pipeline",
     "format_pipeline",
     "pass_from_spec",
+    "pass_parameters",
 ]
 
 
@@ -198,7 +199,7 @@ def get_pass_class(name: str) -> type[Pass]:
 def pass_from_spec(name: str, params: dict[str, Any]) -> Pass:
     """Instantiate a registered pass; bad parameters become a PipelineError."""
     cls = get_pass_class(name)
-    accepted = _parameters(cls)
+    accepted = pass_parameters(cls)
     if accepted is not None:
         unknown = [key for key in params if key not in accepted]
         if unknown:
@@ -211,8 +212,9 @@ def pass_from_spec(name: str, params: dict[str, Any]) -> Pass:
         raise PipelineError(f"pass '{name}': bad parameters {params}: {exc}") from exc
 
 
-def _parameters(cls: type) -> dict[str, str] | None:
-    """A pass's keyword parameters as ``{name: "name=default"}``; None where it takes ``**kwargs`` (any name)."""
+def pass_parameters(cls: type) -> dict[str, str] | None:
+    """A pass class's parameters as ``{name: "name=default"}``, defaults written as a pipeline string takes them
+    (``scope=global``, ``exclude=none``); None where it takes ``**kwargs`` (any name)."""
     if cls.__init__ is object.__init__:
         return {}
     try:
@@ -224,7 +226,7 @@ def _parameters(cls: type) -> dict[str, str] | None:
         if p.kind is p.VAR_KEYWORD:
             return None
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-            out[p.name] = p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+            out[p.name] = p.name if p.default is p.empty else f"{p.name}={_format_value(p.default)}"
     return out
 
 

@@ -36,8 +36,9 @@ def test_pipeline_string_roundtrip():
     [
         ("nope", "unknown pass 'nope'"),
         ("snt(style=wide)", "unknown style 'wide'"),
-        ("snt(colour=red)", r"pass 'snt' has no parameter 'colour'; its parameters \(with defaults\): style=None, "),
-        ("quantize(bits=8)", r"pass 'quantize' has no parameter 'bits'; its parameters.* wbits=8, abits=None,"),
+        ("snt(colour=red)", r"pass 'snt' has no parameter 'colour'; its parameters \(with defaults\): style=none, "),
+        ("quantize(bits=8)", r"pass 'quantize' has no parameter 'bits'; its parameters.* wbits=8, abits=none, "
+                             r"granularity=channel,"),
         ("fold(x=1)", "pass 'fold' has no parameter 'x'; it takes no parameters"),
         ("snt(style=", "missing value"),
         ("snt,", "ends with a comma"),
@@ -48,6 +49,23 @@ def test_pipeline_string_roundtrip():
 def test_bad_pipeline_strings(text, match):
     with pytest.raises(sntfx.PipelineError, match=match):
         parse_pipeline(text)
+
+
+def test_the_listed_parameters_of_every_pass_parse_back_to_its_defaults():
+    """What `sntfx passes` lists (pass_parameters) is written as a pipeline string takes it: every pass built from
+    its listed defaults equals the pass built with none, and the command shows them."""
+    from click.testing import CliRunner
+
+    from sntfx.cli import cli
+    from sntfx.pass_base import pass_parameters, registered_passes
+
+    for name, cls in registered_passes().items():
+        params = pass_parameters(cls)
+        assert params is not None and all("=" in v for v in params.values()), (name, params)  # all have defaults
+        text = f"{name}({','.join(params.values())})" if params else name
+        assert parse_pipeline(text)[0].params() == cls().params(), text
+    listed = " ".join(CliRunner().invoke(cli, ["passes"], terminal_width=400).output.split())
+    assert "scope=row" in listed and "wbits=8, abits=none" in listed
 
 
 def test_order_is_checked_before_anything_runs():
