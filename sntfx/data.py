@@ -437,6 +437,19 @@ def _synthetic(seed: int, n_train: int = 512, n_test: int = 256, classes: int = 
                 ImageTensorDataset(xte, yte, info, train=False), info, "generated")
 
 
+def _read_image(path: str):
+    """ImageFolder's loader, with a clear error for a file that is not a readable image (named, with the fix)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError and truncated files are OSErrors
+        why = "not an image format PIL reads" if isinstance(exc, UnidentifiedImageError) else \
+            f"{type(exc).__name__}: {exc}"
+        raise DataError(f"cannot read the image '{path}' ({why}); remove or replace that file and run again") from exc
+
+
 def _image_folder(root: Path, seed: int) -> Data:
     from torchvision import datasets, transforms
 
@@ -445,10 +458,10 @@ def _image_folder(root: Path, seed: int) -> Data:
     if not train_dir.is_dir() or test_dir is None:
         raise DataError(f"'{root}' is not an ImageFolder dataset: expected {root}/train/CLASS/*.jpg and "
                         f"{root}/val/CLASS/* (or test/)")
-    probe = datasets.ImageFolder(str(train_dir))
+    probe = datasets.ImageFolder(str(train_dir), loader=_read_image)
     if not probe.samples:
         raise DataError(f"'{train_dir}' holds no images")
-    first = transforms.functional.pil_to_tensor(probe.loader(probe.samples[0][0]).convert("RGB"))
+    first = transforms.functional.pil_to_tensor(probe.loader(probe.samples[0][0]))
     size = tuple(first.shape[-2:]) if max(first.shape[-2:]) <= 64 else (224, 224)
     resize = [] if size == tuple(first.shape[-2:]) else [transforms.Resize(256 if size == (224, 224) else size)]
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -456,8 +469,8 @@ def _image_folder(root: Path, seed: int) -> Data:
         transforms.RandomResizedCrop(size) if size == (224, 224) else transforms.RandomCrop(size, padding=4),
         transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
     test_tf = transforms.Compose([*resize, transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(mean, std)])
-    train = datasets.ImageFolder(str(train_dir), transform=train_tf)
-    test = datasets.ImageFolder(str(test_dir), transform=test_tf)
+    train = datasets.ImageFolder(str(train_dir), transform=train_tf, loader=_read_image)
+    test = datasets.ImageFolder(str(test_dir), transform=test_tf, loader=_read_image)
     if test.classes != train.classes:
         raise DataError(f"'{root}': the class folders of train/ and {test_dir.name}/ differ")
     info = DatasetInfo(root.name, len(train.classes), 3, size, mean, std, "folder", tuple(train.classes))

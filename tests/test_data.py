@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -198,3 +199,38 @@ def test_image_folder(tmp_path):
     Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "val" / "fox" / "0.png")
     with pytest.raises(DataError, match="class folders"):
         load_data(str(tmp_path))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_unreadable_image_in_a_folder_dataset_is_named_with_the_fix(tmp_path, workers):
+    """A file that is not an image (or is truncated) stops training with one clear line naming it, exit 2, and no
+    output, also when DataLoader workers read it (torch re-raises their errors with a traceback in the text)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sntfx.cli import cli
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "ds" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                    tmp_path / "ds" / split / cls / f"{i}.png")
+    (tmp_path / "ds" / "train" / "dog" / "9.png").write_bytes(b"not an image")
+    good = tmp_path / "ds" / "train" / "cat" / "0.png"
+    (tmp_path / "ds" / "val" / "cat" / "9.jpg").write_bytes(good.read_bytes()[:40])  # truncated
+    data = load_data(str(tmp_path / "ds"))
+    bad = next(i for i, (p, _) in enumerate(data.train.samples) if p.endswith("9.png"))
+    with pytest.raises(DataError, match=r"cannot read the image '.*9\.png' \(not an image format PIL reads\); remove"):
+        data.train[bad]
+    result = CliRunner().invoke(cli, ["train", "sntfx:cnn", "--data", str(tmp_path / "ds"), "--epochs", "1",
+                                      "--workers", str(workers), "--out", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert re.fullmatch(r"error: cannot read the image '.*9\.(png|jpg)' \(.*\); remove or replace that file and "
+                        r"run again", message), message
+    assert "Traceback" not in message and not (tmp_path / "m.pt").exists()
+    truncated = next(i for i, (p, _) in enumerate(data.test.samples) if p.endswith("9.jpg"))
+    with pytest.raises(DataError, match=r"cannot read the image '.*9\.jpg'"):  # a truncated file is refused too
+        data.test[truncated]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import click
@@ -33,6 +34,15 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _from_worker(message: str) -> str:
+    """The message of an error raised in a DataLoader worker process (torch re-raises it with the worker's
+    traceback in its text): the traceback's last line, without the exception's name."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1].strip()
+    return re.sub(r"^[\w.]+: ", "", last, count=1)
+
+
 class SntfxGroup(click.Group):
     """The command group: every command's errors handled in one place.
 
@@ -59,7 +69,7 @@ class SntfxGroup(click.Group):
         except click.exceptions.ClickException as exc:
             fail(exc.format_message())
         except SntfxError as exc:  # what the user can fix: bad input, a refused file, a missing dataset
-            fail(str(exc))
+            fail(_from_worker(str(exc)))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
             fail(f"{exc.strerror or exc}: '{exc.filename}'")
         except (KeyboardInterrupt, SystemExit):
