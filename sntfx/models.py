@@ -291,7 +291,11 @@ class ModelSpec:
                 f"cannot tell the input shape of '{self}': define example_inputs() in the model file, "
                 "or pass --input-shape, e.g. --input-shape 1,3,32,32"
             )
-        value = fn() if callable(fn) else fn
+        try:
+            value = fn() if callable(fn) else fn
+        except Exception as exc:  # noqa: BLE001 - the model file's own code: its failure is the file's, not ours
+            raise ModelSpecError(f"example_inputs() in '{self.name}' failed: {type(exc).__name__}: {exc}; fix it, or "
+                                 "pass --input-shape instead (e.g. --input-shape 1,3,32,32)") from exc
         if isinstance(value, torch.Tensor):
             return (value,)
         if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):

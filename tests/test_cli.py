@@ -144,6 +144,10 @@ def test_bad_inputs(runner, files):
     _refused(inv("transform", "torchvision:no_such_net", "--out", str(out)), "torchvision has no model", out=out)
     _refused(inv("transform", str(files / "model.py"), "--out", str(files / "nodir" / "x.pt")), "does not exist")
     _refused(inv("transform", str(files / "model.py"), "--out", str(out), "--kwargs", "[1]"), "JSON object", out=out)
+    (files / "badinputs.py").write_text(MODEL_PY.replace("return torch.randn(2, 3, 8, 8)", "raise ValueError('nope')"))
+    _refused(inv("transform", str(files / "badinputs.py"), "--out", str(out)),
+             "example_inputs() in", "failed: ValueError: nope", "--input-shape", out=out)
+    assert _ok(inv("transform", str(files / "badinputs.py"), "--out", str(out), "--input-shape", "1,3,8,8"))
 
 
 def test_fold_refuses_bad_files_and_overwriting_its_input(runner, files):
