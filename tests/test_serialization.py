@@ -117,12 +117,28 @@ def test_other_files_and_tampering_get_clear_errors(tmp_path):
 
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)
-    with pytest.raises(sntfx.FileFormatError, match="not an sntfx model"):
+    with pytest.raises(sntfx.FileFormatError, match=r"holds weights only \(a state dict\), not an sntfx model; "
+                                                    r"load it into a model with --weights FILE"):
         sntfx.load(plain)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, tmp_path / "w.safetensors")
+    with pytest.raises(sntfx.FileFormatError, match="weights only.*--weights FILE"):
+        sntfx.load(tmp_path / "w.safetensors")
+    from sntfx.exporters import export_onnx
+
+    export_onnx(sntfx.load(good), tmp_path / "m.onnx", x, allow_expanded=True)
+    with pytest.raises(sntfx.FileFormatError, match=r"'.*m\.onnx' is an ONNX model, not an sntfx model file.*"
+                                                    r"`sntfx bench` measures ONNX files"):
+        sntfx.load(tmp_path / "m.onnx")
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    with pytest.raises(sntfx.FileFormatError, match="a torch file but not an sntfx model"):
+        sntfx.load(listed)
 
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(sntfx.FileFormatError, match="damaged"):
+    with pytest.raises(sntfx.FileFormatError, match=r"damaged \(it is not a torch file at all\)"):
         sntfx.load(text)
 
     truncated = tmp_path / "trunc.pt"
