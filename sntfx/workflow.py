@@ -81,38 +81,42 @@ def fit_hint(kind: str, name: str, info: DatasetInfo, *, saved: bool = False) ->
             f"in_chans) and --data sets them to {n} and {c}, or pass the ones it has with --kwargs")
 
 
-def check_fits_data(model: torch.nn.Module, info: DatasetInfo, *, what: str, kind: str, name: str = "",
-                    saved: bool = False) -> None:
-    """Refuse a model that does not take ``info``'s images or does not predict its classes, with a hint for
-    its family (``kind``, as in a model spec: sntfx, torchvision, timm, file, import)."""
-    hint = fit_hint(kind, name, info, saved=saved)
+def _mismatch(model: torch.nn.Module, info: DatasetInfo) -> tuple[str, str] | None:
+    """Run ``model`` (eval mode) on a batch of 2 of ``info``'s images: None when it takes them and predicts
+    ``info``'s classes, else ``("input" | "output", what went wrong)``."""
     x = torch.zeros(info.input_shape(2))
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
             out = model(x)
-    except Exception as exc:
-        raise SntfxError(
-            f"model {what} does not accept {info.name} images of shape {tuple(x.shape[1:])} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); build it for "
-            f"{info.channels} input channels and {info.size[0]}x{info.size[1]} images: {hint}"
-        ) from exc
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises, it does not take these images
+        return "input", (f"does not accept {info.name} images of shape {tuple(x.shape[1:])} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     finally:
         model.train(training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise SntfxError(
-            f"model {what} outputs {shape} for a batch of 2, but {info.name} has {info.num_classes} classes: "
-            f"build it with {info.num_classes} outputs: {hint}"
-        )
+        return "output", f"outputs {shape} for a batch of 2, but {info.name} has {info.num_classes} classes"
+    return None
+
+
+def check_fits_data(model: torch.nn.Module, info: DatasetInfo, *, what: str, kind: str, name: str = "",
+                    saved: bool = False) -> None:
+    """Refuse a model that does not take ``info``'s images or does not predict its classes, with a hint for
+    its family (``kind``, as in a model spec: sntfx, torchvision, timm, file, import)."""
+    wrong = _mismatch(model, info)
+    if wrong is None:
+        return
+    hint = fit_hint(kind, name, info, saved=saved)
+    fix = (f"build it for {info.channels} input channels and {info.size[0]}x{info.size[1]} images"
+           if wrong[0] == "input" else f"build it with {info.num_classes} outputs")
+    raise SntfxError(f"model {what} {wrong[1]}; {fix}: {hint}")
 
 
 def check_saved_takes_data(model: torch.nn.Module, info: DatasetInfo, path: str) -> None:
     """Refuse a saved (trained) model that does not take ``info``'s images or predict its classes, before a
     command measures, calibrates or exports it on them; the error names the inputs it was saved for."""
-    spec = sntfx_meta(model).get("input_spec") or []
-    saved_for = ", ".join("x".join(str(d) for d in item["shape"][1:]) for item in spec)
     graph = getattr(model, "graph", None)
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder" and not n.args] if graph is not None else []
     if len(placeholders) > 1:
@@ -120,24 +124,15 @@ def check_saved_takes_data(model: torch.nn.Module, info: DatasetInfo, path: str)
             f"model '{path}' takes {len(placeholders)} inputs ({', '.join(placeholders)}), but a dataset gives one "
             f"image batch; measuring, calibrating or exporting it on {info.name} needs a model of one input (without "
             "--data, export uses the input shapes it was saved with)")
+    wrong = _mismatch(model, info)
+    if wrong is None:
+        return
+    spec = sntfx_meta(model).get("input_spec") or []
+    saved_for = ", ".join("x".join(str(d) for d in item["shape"][1:]) for item in spec)
     hint = (f"it was saved for inputs of shape {saved_for} (without the batch): give the dataset it was "
             "built for with --data, or transform the model again for this one" if saved_for else
             f"give the dataset it was built for with --data, or transform the model again with --data {info.name}")
-    x = torch.zeros(info.input_shape(2))
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as exc:
-        raise SntfxError(f"model '{path}' does not accept {info.name} images of shape {tuple(x.shape[1:])} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}") from exc
-    finally:
-        model.train(training)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != info.num_classes:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise SntfxError(f"model '{path}' outputs {shape} for a batch of 2, but {info.name} has {info.num_classes} "
-                         f"classes; {hint}")
+    raise SntfxError(f"model '{path}' {wrong[1]}; {hint}")
 
 
 def build_traced(spec: ModelSpec, inputs: tuple, *, weights: Any = None, pretrained: bool | str = False,
