@@ -1,4 +1,4 @@
-"""Console rendering shared by the commands: progress bars, pass reports, number formatting."""
+"""Console rendering shared by the commands: progress bars, pass reports and listings, number formatting."""
 
 from __future__ import annotations
 
@@ -91,3 +91,20 @@ def print_pass_report(report) -> None:
     for p in report.passes:
         for key, value in sorted(p.stats.items()):
             console.print(f"  {p.name}: {key}: {value}", highlight=False, soft_wrap=True)
+
+
+def passes_table() -> Table:
+    """The registered passes: what each requires and provides, its summary and its parameters with defaults."""
+    from ..pass_base import pass_parameters, registered_passes
+
+    table = Table(title="registered passes (in --passes strings: name(key=value,...),name2)")
+    table.add_column("name", no_wrap=True)
+    for col in ("requires", "provides", "summary", "parameters (defaults)"):
+        table.add_column(col, overflow="fold")
+    for name, cls in registered_passes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        needs = sorted(p.value for p in cls.requires) + (["eval mode"] if cls.needs_eval else [])
+        params = pass_parameters(cls)
+        table.add_row(name, ", ".join(needs) or "-", ", ".join(sorted(p.value for p in cls.provides)) or "-", doc,
+                      "any" if params is None else ", ".join(params.values()) or "-")
+    return table

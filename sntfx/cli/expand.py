@@ -13,7 +13,7 @@ from ..errors import SntfxError
 from ..pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET, DEFAULT_RATIO, DEFAULT_STYLE
 from .app import cli, console
 from .report import json_option, report as report_json
-from .console import fmt_int, print_pass_report
+from .console import fmt_int, passes_table, print_pass_report
 from .options import (
     BUDGET,
     TEXT,
@@ -147,19 +147,7 @@ def transform(model, out, style, ratio, input_shape, entry, kwargs, policy, pres
 @cli.command(name="passes")
 def list_passes():
     """List the registered passes, what they require and provide, and their parameters."""
-    from ..pass_base import pass_parameters, registered_passes
-
-    table = Table(title="registered passes (in --passes strings: name(key=value,...),name2)")
-    table.add_column("name", no_wrap=True)
-    for col in ("requires", "provides", "summary", "parameters (defaults)"):
-        table.add_column(col, overflow="fold")
-    for name, cls in registered_passes().items():
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        needs = sorted(p.value for p in cls.requires) + (["eval mode"] if cls.needs_eval else [])
-        params = pass_parameters(cls)
-        table.add_row(name, ", ".join(needs) or "-", ", ".join(sorted(p.value for p in cls.provides)) or "-", doc,
-                      "any" if params is None else ", ".join(params.values()) or "-")
-    console.print(table)
+    console.print(passes_table())
 
 
 @cli.command()
