@@ -7,8 +7,8 @@ For every method and primary score (the pre-registered paired gains over Adam,
 per seed), from the spread of its per-seed gains (sample standard deviation
 ``sd`` over ``n`` seeds):
 
-* the 95% interval's half-width, ``t(0.975, n-1) sd / sqrt(n)``, and its upper
-  end: the largest true gain the seeds leave plausible;
+* the 95% interval's half-width (the study's own interval, ``t(0.975, n-1) sd /
+  sqrt(n)``) and its upper end: the largest true gain the seeds leave plausible;
 * the minimum detectable gain: the true mean gain a two-sided paired t test at
   5% (the study's "helps" rule: the interval excludes zero) finds with 80%
   probability with ``n`` seeds, from the noncentral t distribution;
@@ -35,7 +35,7 @@ from scipy.stats import chi2, norm, t
 
 from sntfx.errors import SntfxError
 from sntfx.io import atomic_write
-from sntfx.study.stats import PRIMARY_SCORES, read_validation_results
+from sntfx.study.stats import PRIMARY_SCORES, confidence_interval, read_validation_results
 
 ALPHA = 0.05
 POWER = 0.80
@@ -97,9 +97,9 @@ def analyse(results: dict[str, Any], effect: float) -> list[dict[str, Any]]:
                 n, sd, mean = stat.get("n", 0), stat.get("std"), stat.get("mean")
                 if mean is None or sd is None or n < 2:
                     continue
-                half = float(t.ppf(1 - ALPHA / 2, n - 1)) * sd / math.sqrt(n)
+                upper = confidence_interval(mean, sd, n, 1 - ALPHA)[1]  # the study's own interval
                 rows.append({"model": model, "method": method, "score": name, "seeds": n, "mean": mean, "sd": sd,
-                             "ci95_half_width": half, "ci95_upper": mean + half,
+                             "ci95_half_width": upper - mean, "ci95_upper": upper,
                              "detectable_at_80": detectable(sd, n), "effect": effect,
                              "seeds_for_effect": seeds_needed(effect, sd)})
     return rows

@@ -67,10 +67,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
-from sntfx.blocks.base import LATEST_COST_MODEL
+from sntfx.blocks.base import LATEST_COST_MODEL, LAYER_CLASSES
 from sntfx.graph_utils import (call_sites, find_bias_sink, is_plain, output_shape, saved_for_backward, set_module,
                                shared_parameter_owners, unsupported_weight_layers)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
@@ -83,7 +82,7 @@ __all__ = ["SNTExpand", "FUNCTIONAL_LAYERS", "OVER_BUDGET", "OVER_MEMORY", "COST
 log = logging.getLogger(__name__)
 
 #: The layer classes the snt pass expands (subclasses too, when they keep the class's forward).
-SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+SUPPORTED = tuple(LAYER_CLASSES.values())
 
 #: The stat counting layers left plain by the training-cost budget (``PassResult.stats``).
 OVER_BUDGET = "skip: over the training-cost budget"
@@ -223,10 +222,9 @@ class SNTExpand(Pass):
             elif node.op == "call_function" and node.target in FUNCTIONAL_LAYERS:
                 stats[f"skip: functional {FUNCTIONAL_LAYERS[node.target]}"] += 1
 
-        # conv/linear-like modules of other kinds (ConvTranspose2d, Conv3d, ...); custom forwards (kept as modules
-        # by a tracer that does not trace through them) are counted below, functional layers above
-        custom = Counter(type(modules[t]).__name__ for t in targets if not is_plain(modules[t], *SUPPORTED))
-        for kind, n in (unsupported_weight_layers(gm, *SUPPORTED, functional=False) - custom).items():
+        # conv/linear-like modules of other kinds (ConvTranspose2d, Conv3d, ...); custom forwards are counted
+        # below, functional layers above
+        for kind, n in unsupported_weight_layers(gm, *SUPPORTED, functional=False, custom_forwards=False).items():
             stats[f"skip: {kind} (no SNT form)"] += n
         # Layers the graph never calls sit inside an opaque (leaf) module.
         for path, mod in modules.items():

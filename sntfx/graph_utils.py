@@ -20,6 +20,7 @@ __all__ = [
     "shared_parameter_owners",
     "is_plain",
     "unsupported_weight_layers",
+    "required_inputs",
     "randomize_",
     "mode",
 ]
@@ -102,14 +103,16 @@ FUNCTIONAL_WEIGHT_OPS = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
                          torch.nn.functional.bilinear)
 
 
-def unsupported_weight_layers(gm: fx.GraphModule, *supported: type, functional: bool = True) -> Counter:
+def unsupported_weight_layers(gm: fx.GraphModule, *supported: type, functional: bool = True,
+                              custom_forwards: bool = True) -> Counter:
     """Conv- and linear-like layers the graph calls that are not plain ``supported`` modules, by kind.
 
-    ``ConvTranspose2d``, ``Conv3d``, ``Bilinear``, a subclass with its own
-    ``forward`` kept as a module, and (``functional``) weighted layers the
-    graph calls as functions (``functional conv2d``): a pass that handles only
-    ``supported`` leaves these as they are, and says so by counting them
-    rather than skipping them silently.
+    ``ConvTranspose2d``, ``Conv3d``, ``Bilinear``, (``custom_forwards``) a
+    subclass of a ``supported`` class with its own ``forward`` kept as a
+    module, and (``functional``) weighted layers the graph calls as functions
+    (``functional conv2d``): a pass that handles only ``supported`` leaves
+    these as they are, and says so by counting them rather than skipping them
+    silently. A pass that counts some of them its own way turns them off here.
     """
     weighted = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
     seen: set[str] = set()
@@ -121,9 +124,15 @@ def unsupported_weight_layers(gm: fx.GraphModule, *supported: type, functional: 
             continue
         seen.add(node.target)
         m = gm.get_submodule(node.target)
-        if isinstance(m, weighted) and not is_plain(m, *supported):
+        custom = isinstance(m, supported)  # a supported class's subclass with its own forward
+        if isinstance(m, weighted) and not is_plain(m, *supported) and (custom_forwards or not custom):
             out[type(m).__name__] += 1
     return out
+
+
+def required_inputs(gm: fx.GraphModule) -> list[str]:
+    """The names of the inputs a traced model must be given (its placeholders without a default value)."""
+    return [n.name for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
 
 
 def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -134,13 +134,15 @@ def save(model: nn.Module, path: str | Path, *, source: ModelSpec | str | None =
     return atomic_torch_save(payload, path)
 
 
-def _other_format(path: Path) -> tuple[str, str] | None:
-    """(what, what to do) for a model or weights file of another format that a user may hand sntfx by mistake."""
-    with open(path, "rb") as f:
-        head = f.read(16)
+#: What to do with a file of weights alone (a state dict) handed where an sntfx model belongs.
+_WEIGHTS_HINT = "load it into a model with --weights FILE, e.g. `sntfx transform MODEL --weights FILE --out model.pt`"
+
+
+def _other_format(path: Path, head: bytes) -> tuple[str, str] | None:
+    """(what, what to do) for a model or weights file of another format that a user may hand sntfx by mistake,
+    from its first 16 bytes ``head``."""
     if len(head) >= 9 and int.from_bytes(head[:8], "little") < 1 << 27 and head[8:9] == b"{":  # header size, JSON
-        return ("a safetensors file (weights only)", "load it into a model with --weights FILE, e.g. `sntfx "
-                "transform MODEL --weights FILE --out model.pt`")
+        return "a safetensors file (weights only)", _WEIGHTS_HINT
     if head[:1] == b"\x08" and b"\x12" in head[:4]:  # protobuf: ir_version, then producer_name (ONNX ModelProto)
         try:
             import onnx
@@ -161,12 +163,12 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], bo
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a valid file"
-        other = _other_format(path)
+        with open(path, "rb") as f:
+            head = f.read(16)
+        other = _other_format(path, head)
         if other is not None:
             raise FileFormatError(f"'{path}' is {other[0]}, not an sntfx model file (written by sntfx.save / the "
                                   f"sntfx CLI); {other[1]}") from exc
-        with open(path, "rb") as f:
-            head = f.read(4)
         why = (f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
                if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" else "it is not a torch file at all")
         raise FileFormatError(
@@ -174,8 +176,7 @@ def _read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], bo
             "by sntfx.save / the sntfx CLI, and never executes code from a file."
         ) from exc
     if isinstance(payload, dict) and payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        raise FileFormatError(f"'{path}' holds weights only (a state dict), not an sntfx model; load it into a "
-                              "model with --weights FILE, e.g. `sntfx transform MODEL --weights FILE --out model.pt`")
+        raise FileFormatError(f"'{path}' holds weights only (a state dict), not an sntfx model; {_WEIGHTS_HINT}")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise FileFormatError(
             f"'{path}' is a torch file but not an sntfx model (no '{FORMAT}' header); create one with "

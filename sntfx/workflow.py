@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from .data import DatasetInfo
 from .errors import SntfxError
+from .graph_utils import required_inputs
 from .models import ModelSpec
 from .serialization import load
 from .tracing import sntfx_meta, trace
@@ -117,8 +118,7 @@ def check_fits_data(model: torch.nn.Module, info: DatasetInfo, *, what: str, kin
 def check_saved_takes_data(model: torch.nn.Module, info: DatasetInfo, path: str) -> None:
     """Refuse a saved (trained) model that does not take ``info``'s images or predict its classes, before a
     command measures, calibrates or exports it on them; the error names the inputs it was saved for."""
-    graph = getattr(model, "graph", None)
-    placeholders = [n.name for n in graph.nodes if n.op == "placeholder" and not n.args] if graph is not None else []
+    placeholders = required_inputs(model) if isinstance(model, fx.GraphModule) else []
     if len(placeholders) > 1:
         raise SntfxError(
             f"model '{path}' takes {len(placeholders)} inputs ({', '.join(placeholders)}), but a dataset gives one "

@@ -53,7 +53,7 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
     from ..exporters import export_int8, export_onnx
     from ..io import atomic_write, check_output_path
     from ..models import parse_input_shape
-    from ..tracing import inputs_from_spec, sntfx_meta
+    from ..tracing import input_spec, inputs_from_spec, sntfx_meta
     from ..workflow import is_model_file
 
     onnx_path = merge_alias(onnx_path, onnx_alias, "onnx_path", "--out", "--onnx")
@@ -101,7 +101,9 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
             except ValueError as exc:
                 raise SntfxError(f"--exclude: {exc}") from exc
     if shape:
-        takes = [n.name for n in gm.graph.nodes if n.op == "placeholder" and not n.args]
+        from ..graph_utils import required_inputs
+
+        takes = required_inputs(gm)
         if len(takes) > 1:
             raise SntfxError(f"--input-shape gives one input, but '{model}' takes {len(takes)} ({', '.join(takes)}); "
                              "leave it out to export with the input shapes the model was saved with")
@@ -116,10 +118,9 @@ def export(model, onnx_path, onnx_alias, opset, dynamic_batch, input_shape, allo
     if data is not None:  # every verification sample is checked, in batches when the batch size is fixed
         verify = (torch.cat([x for x, _ in fixed_batches(data.test, batches=1, batch_size=verify_samples)]),)
     else:
-        gen = torch.Generator().manual_seed(0)  # random inputs shaped like every example input, batch verify_samples
-        verify = tuple(torch.randn(verify_samples, *t.shape[1:], generator=gen).to(t.dtype) if t.is_floating_point()
-                       else torch.randint(0, 2, (verify_samples, *t.shape[1:]), generator=gen).to(t.dtype)
-                       for t in example)
+        # random inputs shaped like every example input, batch verify_samples
+        verify = inputs_from_spec([{**item, "shape": [verify_samples, *item["shape"][1:]]}
+                                   for item in input_spec(example)])
     with console.status("exporting to ONNX ..."):
         report = export_onnx(gm, out, example, opset=opset, dynamic_batch=dynamic_batch,
                              allow_expanded=allow_expanded, simplify=simplify, verify_inputs=verify,

@@ -403,13 +403,14 @@ class Study:
         study's epochs this way). A run already trained is not trained again.
         Another process computing the same run makes this fail rather than wait.
         """
-        if run not in self.runs():
+        runs = self.runs()
+        if run not in runs:
             raise SntfxError(f"{run.label} is not a run of this study; pick one of study.runs()")
         self._check_run_dir(run, create=True)
         with self._claim(run, 1) as mine:
             if not mine:
                 raise SntfxError(f"{run.label}: another process is computing this run; wait for it to finish")
-            self._stage(self.runs().index(run), run, "train", 1.0, self._train)
+            self._stage(runs.index(run), run, "train", 1.0, self._train)
         return json.loads(self.result_path(run, "train").read_text())
 
     def _check_sharers(self, runs: list[Run]) -> None:
