@@ -995,3 +995,53 @@ def test_the_power_analysis_matches_a_simulated_paired_t_test_and_refuses_the_te
     assert json.loads((tmp_path / "p.json").read_text())["rows"] == rows
     with pytest.raises(SystemExit, match="validation"):
         power.main([results("test", gains)])
+
+
+def test_the_mechanism_analysis_correlates_each_run_s_drop_and_separates_between_from_within_methods(tmp_path):
+    """benchmarks/mechanism.py: a run's drop is its sweep float accuracy minus the mean over the primary score's
+    settings; across runs the rank correlation sees the methods' difference, within methods (centred) only the
+    seed-to-seed relation, here of the opposite sign; the interval is Fisher's z with 1.06 / (n - 3); a constant
+    measurement has no correlation; test-split results are refused with exit 2."""
+    import math
+
+    mech = _benchmark_script("mechanism")
+
+    def record(method, seed, crest, quant_drop, eig):
+        acc = 0.9
+        q = acc - quant_drop
+        return {"model": "m", "method": method, "seed": seed,
+                "evaluate": {"float_accuracy": acc, "weights": {"crest_factor": crest, "kurtosis": 1.0},
+                             "sharpness": {"top_eigenvalue": eig, "hessian_trace": 1.0, "sam_sharpness": 0.1,
+                                           "loss": 0.2}},
+                "sweep": {"float": acc, "sparsity": {}, "channel_sparsity": {}, "bits": {"4": q + 0.01, "3": q - 0.01},
+                          "act_bits": {"W4A8": q + 0.02, "W6A6": q - 0.02},
+                          "wanda": {"0.5": 0.89, "0.7": 0.85 - 0.001 * seed, "2:4": 0.8}}}
+
+    # method b: higher crest factor and larger drops than adam; inside each method, the drop falls as crest rises
+    crests = {"adam": [3.0 + 0.01 * s for s in range(5)], "b": [4.0 + 0.013 * s * s for s in range(5)]}
+    runs = [record("adam", s, c, 0.02 - 0.1 * (c - 3.0), 100 + 7 * (s % 3)) for s, c in enumerate(crests["adam"])]
+    runs += [record("b", s, c, 0.06 - 0.1 * (c - 4.0), 90 + 5 * (s % 2)) for s, c in enumerate(crests["b"])]
+
+    def write(split):
+        path = tmp_path / split / "results.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"config": {"evaluate_on": split}, "runs": runs}))
+        return str(path)
+
+    table = mech.run_table({"runs": runs})["m"]
+    assert table[1]["quantization drop"] == pytest.approx(0.019) and table[1]["pruning drop"] == pytest.approx(
+        0.9 - (0.89 + 0.849 + 0.8) / 3)
+    rows = mech.main([write("val"), "--out", str(tmp_path / "mech")])
+    by = {(r["drop"], r["measurement"]): r for r in rows}
+    crest = by[("quantization drop", "weights:crest_factor")]
+    assert crest["across_runs"]["rho"] > 0.5 and crest["within_methods"]["rho"] == pytest.approx(-1.0)
+    assert crest["within_methods"]["n_eff"] == 9
+    lo, hi = crest["across_runs"]["ci95"]
+    z, half = math.atanh(crest["across_runs"]["rho"]), 1.959964 * math.sqrt(1.06 / 7)
+    assert (lo, hi) == (pytest.approx(math.tanh(z - half), abs=1e-6), pytest.approx(math.tanh(z + half), abs=1e-6))
+    assert by[("pruning drop", "sharpness:hessian_trace")]["across_runs"]["rho"] is None  # constant: no correlation
+    assert json.loads((tmp_path / "mech.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "weights:crest_factor" in (tmp_path / "mech.md").read_text() and (tmp_path / "mech.png").stat().st_size
+    with pytest.raises(SystemExit) as refused:
+        mech.main([write("test")])
+    assert refused.value.code == 2
