@@ -66,12 +66,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from sntfx.blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs, make_block
 from sntfx.blocks.base import LATEST_COST_MODEL, LAYER_CLASSES
-from sntfx.graph_utils import (call_sites, find_bias_sink, is_plain, output_shape, saved_for_backward, set_module,
-                               shared_parameter_owners, unsupported_weight_layers)
+from sntfx.graph_utils import (FUNCTIONAL_WEIGHT_OPS, call_sites, find_bias_sink, is_plain, output_shape,
+                               saved_for_backward, set_module, shared_parameter_owners, unsupported_weight_layers)
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 from sntfx.pipelines import DEFAULT_BATCH, DEFAULT_BUDGET, DEFAULT_MEMORY_BUDGET
 from sntfx.policy import Policy
@@ -110,12 +109,9 @@ MIN_SPENT = 65_000_000
 #: training, and a small model (whose activations are tiny beside an expansion's parameters) expands as before.
 MIN_HELD = 16 * 2**20
 
-FUNCTIONAL_LAYERS = {
-    F.conv1d: "conv",
-    F.conv2d: "conv",
-    F.conv3d: "conv",
-    F.linear: "linear",
-}
+#: The weighted layers called as functions (graph_utils.FUNCTIONAL_WEIGHT_OPS, transposed convs and bilinear
+#: included), by the kind the snt pass's "skip: functional KIND" count names: they have no module to expand.
+FUNCTIONAL_LAYERS = {op: "linear" if op.__name__.endswith("linear") else "conv" for op in FUNCTIONAL_WEIGHT_OPS}
 
 
 @register_pass

@@ -298,3 +298,28 @@ def test_the_snt_pass_counts_the_layers_it_has_no_form_for_and_functional_ones_o
     assert stats["skip: ConvTranspose2d (no SNT form)"] == 1 and stats["skip: Conv3d (no SNT form)"] == 1
     assert stats["skip: functional conv"] == 1 and "skip: functional conv2d (no SNT form)" not in stats
     assert isinstance(report.graph_module.get_submodule("conv"), sntfx.blocks.SNTBlock)
+
+
+class _FunctionalHead(torch.nn.Module):
+    """A transposed conv and a bilinear layer called as functions, beside a Conv2d module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.up = torch.nn.Parameter(torch.randn(4, 2, 2, 2))
+        self.pair = torch.nn.Parameter(torch.randn(3, 2, 2))
+
+    def forward(self, x):
+        y = torch.nn.functional.conv_transpose2d(self.conv(x), self.up, stride=2).mean((2, 3))
+        return torch.nn.functional.bilinear(y, y, self.pair)
+
+
+def test_the_snt_pass_counts_functional_transposed_convs_and_bilinear_layers_as_the_compression_passes_do():
+    gm = sntfx.trace(_FunctionalHead(), X).eval()
+    stats = sntfx.PassManager("snt(style=linear)").run(gm, PassContext(example_inputs=(X,)), inplace=False
+                                                       ).passes[0].stats
+    assert stats["skip: functional conv"] == 1 and stats["skip: functional linear"] == 1
+    assert stats["expanded: linear"] == 1
+    pruned = sntfx.PassManager([MagnitudePrune(0.5)]).run(gm, PassContext(example_inputs=(X,)), inplace=False)
+    assert {k for k in pruned.passes[0].stats if k.startswith("left as is")} == {
+        "left as is: functional conv_transpose2d (not supported)", "left as is: functional bilinear (not supported)"}
