@@ -698,6 +698,13 @@ def test_study_under_torchrun(tmp_path):
     ("weight_decay", -1.0, "non-negative"),
     ("budget", "lots", "budget must be a fraction"),
     ("memory_budget", -0.1, "memory_budget must be a fraction"),
+    ("eval_images", 0, "eval_images must be at least 1 \\(or leave it out\\), got 0"),
+    ("limit_batches", -2, "limit_batches must be at least 1"),
+    ("trace_samples", 0, "trace_samples must be at least 1"),
+    ("landscape_steps", 1, "landscape_steps must be at least 2"),
+    ("sharpness_batch_size", 0, "sharpness_batch_size must be at least 1"),
+    ("bench_batch_sizes", [1, 0], "bench_batch_sizes must list batch sizes of at least 1"),
+    ("bench_batch_sizes", [], "bench_batch_sizes must list"),
 ])
 def test_study_settings_are_checked_by_the_passes_before_anything_runs(field, value, match):
     with pytest.raises(SntfxError, match=match):

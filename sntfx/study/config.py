@@ -204,6 +204,18 @@ class StudyConfig:
             raise SntfxError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
         if self.ratio < 1:
             raise SntfxError(f"--ratio must be at least 1, got {self.ratio}")
+        # counts a config file can set to nonsense the command line's own ranges would refuse (0 training batches,
+        # 0 evaluation images, a landscape of one point): refused here, before any run trains
+        for name, least in (("limit_batches", 1), ("eval_images", 1), ("sharpness_batches", 1),
+                            ("sharpness_batch_size", 1), ("sharpness_iters", 1), ("trace_samples", 1),
+                            ("landscape_steps", 2), ("bench_iters", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                unset = " (or leave it out)" if name in ("limit_batches", "eval_images") else ""
+                raise SntfxError(f"study setting {name} must be at least {least}{unset}, got {value}")
+        if (self.onnx and not self.bench_batch_sizes) or any(b < 1 for b in self.bench_batch_sizes):
+            raise SntfxError(f"bench_batch_sizes must list batch sizes of at least 1, e.g. [1, 32], "
+                             f"got {self.bench_batch_sizes}")
         self.budget = _fraction_or_none("budget", self.budget)
         # budget none sets no limit of either kind; the memory budget applies with a budget
         self.memory_budget = None if self.budget is None else _fraction_or_none("memory_budget", self.memory_budget)
