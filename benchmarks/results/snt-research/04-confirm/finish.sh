@@ -55,7 +55,8 @@ for model in smallvgg resnet8; do
     cp -rp "$dir/plots" "$dir/.val/plots"
     # the study measures nothing here: a run with its sealed files is complete; the timeout stops one that is not
     OMP_NUM_THREADS=1 timeout 1800 "$study_venv/bin/sntfx" study --config "$here/study-$model.toml" --out "$dir" \
-        --evaluate-on test --no-seal-test > /dev/null
+        --evaluate-on test --no-seal-test > /dev/null \
+        || { echo "$model: the test collection failed; the validation report's copy is in $dir/.val/" >&2; exit 1; }
     mv "$dir/results.json" "$dir/results.test.json"
     sed 's#(plots/#(plots-test/#g' "$dir/report.md" > "$dir/report.test.md" && rm "$dir/report.md"
     rm -rf "$dir/plots-test" && mv "$dir/plots" "$dir/plots-test"
