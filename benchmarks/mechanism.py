@@ -91,10 +91,11 @@ def _centred(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] - means[r["method"]] for r in rows]
 
 
-def analyse(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per model, drop and mechanism measurement: the across-runs and within-method correlations."""
+def analyse(tables: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per model, drop and mechanism measurement of ``run_table``'s ``tables``: the across-runs and
+    within-method correlations."""
     rows = []
-    for model, runs in run_table(results).items():
+    for model, runs in tables.items():
         measurements = sorted({k for r in runs for k in r if k.startswith(MECHANISM)})
         for drop in DROPS:
             for key in measurements:
@@ -130,11 +131,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: Path) -> list[Path]:
-    """One PNG per model: each drop against each mechanism measurement, one colour per method."""
+def plot(tables: dict[str, list[dict[str, Any]]], path: Path) -> list[Path]:
+    """One PNG per model of ``run_table``'s ``tables`` (PATH.png for one model, PATH-MODEL.png each for several):
+    each drop against each mechanism measurement, one colour per method."""
     plt = pyplot()
     written = []
-    for model, runs in run_table(results).items():
+    for model, runs in tables.items():
         keys = sorted({k for r in runs for k in r if k.startswith(MECHANISM)})
         methods = sorted({r["method"] for r in runs}, key=lambda m: (m != "adam", m))
         fig, axes = plt.subplots(len(DROPS), len(keys), figsize=(2.6 * len(keys), 2.4 * len(DROPS)), dpi=100,
@@ -155,8 +157,7 @@ def plot(results: dict[str, Any], path: Path) -> list[Path]:
         axes[0][0].legend(fontsize=6)
         fig.suptitle(f"{model}: per-run accuracy drop vs the folded model's mechanism (validation)", fontsize=9)
         fig.tight_layout()
-        one = len(written) == 0 and len({r["model"] for r in results["runs"]}) == 1
-        name = f"{path.name}.png" if one else f"{path.name}-{model.replace(':', '-')}.png"
+        name = f"{path.name}.png" if len(tables) == 1 else f"{path.name}-{model.replace(':', '-')}.png"
         written.append(save_png(fig, path.parent / name))
     return written
 
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     except (SntfxError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    rows = analyse(results)
+    tables = run_table(results)
+    rows = analyse(tables)
     if not rows:
         print(f"error: {args.results}: no run has both a sweep and mechanism measurements", file=sys.stderr)
         sys.exit(2)
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(
             f"# Mechanism vs compression, run by run\n\n`python benchmarks/mechanism.py {args.results} "
             f"--out {args.out}`\n\n{text}\n"))
-        for png in plot(results, args.out):
+        for png in plot(tables, args.out):
             print(f"wrote {png}")
         print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
     return rows
