@@ -1052,3 +1052,58 @@ def test_the_mechanism_analysis_correlates_each_run_s_drop_and_separates_between
     with pytest.raises(SystemExit) as refused:
         mech.main([write("test")])
     assert refused.value.code == 2
+
+
+def test_the_final_table_lays_out_every_method_s_accuracy_and_gains_on_one_split_and_chooses_nothing(tmp_path,
+                                                                                                    capsys):
+    """benchmarks/final_table.py: per model and method, the float accuracy and each primary score's accuracy (each
+    run's mean over the score's settings, then the mean over seeds with its t interval); the default named on the
+    command line is marked; the gains table is choose_default's, with SAM as the reference; files of different
+    splits, an unknown default and a file that is not a study's results are refused with exit 2."""
+    import statistics
+
+    from sntfx.study import PRIMARY_SCORES, confidence_interval
+
+    final = _benchmark_script("final_table")
+
+    def record(method, seed, shift):
+        acc = 0.90 + shift + 0.001 * seed
+        return {"model": "sntfx:m", "method": method, "seed": seed,
+                "evaluate": {"float_accuracy": acc, "sharpness": {"top_eigenvalue": 1.0, "hessian_trace": 1.0,
+                                                                  "sam_sharpness": 0.1, "loss": 0.2}},
+                "sweep": {"float": acc, "sparsity": {}, "channel_sparsity": {}, "bits": {"4": acc - 0.03,
+                                                                                          "3": acc - 0.10 - 0.01 * seed},
+                          "act_bits": {"W4A8": acc - 0.02, "W6A6": acc - 0.01},
+                          "wanda": {"0.5": acc - 0.01, "0.7": acc - 0.05 + 0.002 * seed, "2:4": acc - 0.04}}}
+
+    runs = [record(m, s, shift) for m, shift in (("adam", 0.0), ("sam", 0.01), ("snt-linear", -0.005))
+            for s in range(3)]
+    stat = {"mean": 0.01, "std": 0.001, "n": 3, "ci95": [0.005, 0.015]}
+    summary = {"sntfx:m": {"metrics": {"adam": {"float": {"mean": 0.90}, "W3": {"mean": 0.80}}},
+                           "gains_over_adam": {m: {"float": stat, "W3": stat} for m in ("sam", "snt-linear")},
+                           "primary_scores": {m: {n: stat for n in PRIMARY_SCORES} for m in ("sam", "snt-linear")}}}
+
+    def write(name, split="test"):
+        path = tmp_path / name
+        path.write_text(json.dumps({"config": {"evaluate_on": split}, "runs": runs, "summary": summary}))
+        return str(path)
+
+    out = final.main([write("results.test.json"), "--default", "snt-linear"])
+    assert "(test split)" in out
+    rows = [line for line in out.splitlines() if line.startswith("| sntfx:m |")]
+    adam = next(r for r in rows if r.startswith("| sntfx:m | adam |"))
+    per_run = [statistics.fmean(0.90 + 0.001 * s - d for d in (0.01, 0.05 - 0.002 * s, 0.04)) for s in range(3)]
+    mean, ci = statistics.fmean(per_run), confidence_interval(statistics.fmean(per_run), statistics.stdev(per_run), 3)
+    assert adam.split(" | ")[2:5] == ["3", "90.10 [89.85, 90.35]",
+                                      f"{100 * mean:.2f} [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"]
+    assert any(r.startswith("| sntfx:m | **snt-linear** (default) | 3 | 89.60 ") for r in rows)
+    gains = [r for r in rows if "+1.00 [+0.50, +1.50]" in r]
+    assert len(gains) == 2 and any("reference, no" in r for r in gains)  # SAM's row is the reference
+    for argv, says in [([write("a.json"), write("b.json", split="val")], "different splits"),
+                       ([write("c.json"), "--default", "snt-nope"], "no such method"),
+                       ([str(tmp_path)], "not a study's results file")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            final.main(argv)
+        captured = capsys.readouterr()
+        assert refused.value.code == 2 and says in captured.err and captured.out == ""
