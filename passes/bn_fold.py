@@ -28,13 +28,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from sntfx.blocks.base import LayerConfig
+from sntfx.blocks.base import LAYER_CLASSES, LayerConfig
 from sntfx.graph_utils import call_sites, is_plain, output_shape, set_module
 from sntfx.pass_base import Numerics, Pass, PassContext, PassResult, Property, register_pass
 
 __all__ = ["FoldBatchNorm"]
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @register_pass
@@ -81,7 +81,7 @@ def _refuse(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> str:
     if not isinstance(src, fx.Node) or src.op != "call_module":
         return "input is not a layer"
     layer = gm.get_submodule(src.target)
-    if not is_plain(layer, nn.Conv1d, nn.Conv2d, nn.Linear):
+    if not is_plain(layer, *LAYER_CLASSES.values()):
         return "input is not a conv/linear"
     if len(src.users) != 1 or len(call_sites(gm, src.target)) != 1:
         return "layer output used elsewhere"

@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from sntfx.blocks.base import LAYER_CLASSES
 from sntfx.compress_utils import (CALIBRATION, check_exclude, check_fraction, prunable_layers, reestimate_batchnorm,
                                   select_layers)
 from sntfx.errors import SntfxError
@@ -154,7 +155,7 @@ class StructuredPrune(Pass):
         graph = tp.DependencyGraph().build_dependency(gm, example_inputs=inputs)
         for name, m in list(gm.named_modules()):
             key = f"{name}.weight"
-            if key not in shapes or not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            if key not in shapes or not isinstance(m, tuple(LAYER_CLASSES.values())):
                 continue
             target, current = shapes[key][0], m.weight.shape[0]
             if current > target:

@@ -6,7 +6,7 @@ Rewrites (module swap; the graph keeps its nodes)::
       ->
     %y = call_module[target=layer1.0.conv1](%x)        # sntfx.blocks.LinearExpansion
 
-Eligible: ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Linear`` called as modules
+Eligible: ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` and ``nn.Linear`` called as modules
 (any kernel, stride, padding and padding mode, dilation, groups, bias), and
 subclasses that keep their parent's forward. A layer called at several places
 becomes one shared block. Skipped, with the reason counted in ``stats``:

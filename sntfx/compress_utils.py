@@ -8,13 +8,13 @@ BatchNorm re-estimation after pruning.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks.base import LAYER_CLASSES, LAYER_TYPES
@@ -191,13 +191,7 @@ def input_feature_norms(gm: nn.Module, layers: list[tuple[str, nn.Module]], batc
             if not config.is_conv:
                 sq = x.reshape(-1, x.shape[-1]).square().sum(0)
             else:
-                xp = config.pad(x)
-                if config.ndim == 1:
-                    xp = xp.unsqueeze(2)
-                kernel, dilation, stride = ((1, *config.kernel), (1, *config.dilation), (1, *config.stride)) \
-                    if config.ndim == 1 else (config.kernel, config.dilation, config.stride)
-                cols = F.unfold(xp.square(), kernel, dilation=dilation, stride=stride)  # (N, C*taps, L)
-                sq = cols.sum(dim=(0, 2))
+                sq = _tap_sums(config, config.pad(x).square())
             sums[name] = sums[name] + sq if name in sums else sq
 
         return hook
@@ -224,6 +218,25 @@ def input_feature_norms(gm: nn.Module, layers: list[tuple[str, nn.Module]], batc
             per_group = norm.reshape(groups, w.shape[1], *w.shape[2:])  # (groups, C_in/groups, *k)
             norms[name] = per_group.repeat_interleave(w.shape[0] // groups, dim=0)
     return norms
+
+
+def _tap_sums(config, xp: torch.Tensor) -> torch.Tensor:
+    """Per input channel and kernel tap, the sum over the batch and every output position of ``xp`` (padded).
+
+    The im2col column sums of any conv's input, ``(C * taps,)`` in ``unfold``'s order (channel, then the taps
+    row-major), for 1-, 2- and 3-d kernels alike: tap ``t`` reads the input shifted by ``t * dilation`` at the
+    layer's stride.
+    """
+    spatial = xp.shape[2:]
+    outs = [(n - d * (k - 1) - 1) // s + 1 for n, k, d, s in zip(spatial, config.kernel, config.dilation,
+                                                                    config.stride)]
+    reduce = (0, *range(2, xp.dim()))
+    taps = []
+    for tap in itertools.product(*(range(k) for k in config.kernel)):
+        window = tuple(slice(t * d, t * d + s * (o - 1) + 1, s)
+                       for t, d, s, o in zip(tap, config.dilation, config.stride, outs))
+        taps.append(xp[(slice(None), slice(None), *window)].sum(dim=reduce))
+    return torch.stack(taps, dim=1).reshape(-1)
 
 
 def reestimate_batchnorm(gm: nn.Module, batches) -> int:

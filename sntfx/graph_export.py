@@ -16,7 +16,7 @@ a node that reads the same value twice gets one edge). Node attributes:
   shows its count on both nodes);
 * ``snt_block`` (the module is an SNT block), with ``snt_style`` and, for
   styles that take one, ``snt_ratio``;
-* ``layer_kind`` (``conv1d``, ``conv2d`` or ``linear``: of the layer, or of
+* ``layer_kind`` (``conv1d``, ``conv2d``, ``conv3d`` or ``linear``: of the layer, or of
   the layer an SNT block replaces) and ``prunable`` (a plain conv/linear
   layer the pruning and quantization passes act on, see
   :func:`sntfx.compress_utils.prunable_layers`).

@@ -107,7 +107,7 @@ def unsupported_weight_layers(gm: fx.GraphModule, *supported: type, functional: 
                               custom_forwards: bool = True) -> Counter:
     """Conv- and linear-like layers the graph calls that are not plain ``supported`` modules, by kind.
 
-    ``ConvTranspose2d``, ``Conv3d``, ``Bilinear``, (``custom_forwards``) a
+    ``ConvTranspose2d``, ``Bilinear``, (``custom_forwards``) a
     subclass of a ``supported`` class with its own ``forward`` kept as a
     module, and (``functional``) weighted layers the graph calls as functions
     (``functional conv2d``): a pass that handles only ``supported`` leaves

@@ -66,7 +66,7 @@ class Policy:
     Attributes:
         style: default style (``linear``, ``branch``, ``qa-branch``).
         ratio: default expansion ratio (used by ``linear``).
-        types: layer kinds to consider, among ``conv1d``, ``conv2d``, ``linear``.
+        types: layer kinds to consider, among ``conv1d``, ``conv2d``, ``conv3d``, ``linear``.
         include / exclude: module-path globs; a layer must match one include
             and no exclude.
         min_params / max_params: expand only layers whose weight has at least /

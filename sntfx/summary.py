@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-from torch import nn
 
-from .blocks import LayerConfig, SNTBlock, get_style, layer_macs
+from .blocks import LayerConfig, SNTBlock, get_style, layer_kind, layer_macs
 from .graph_utils import count_parameters, output_shape
 
 __all__ = ["LayerRow", "layer_summary"]
@@ -54,7 +53,7 @@ def layer_summary(gm: fx.GraphModule) -> list[LayerRow]:
             folded_params = config.in_features // config.groups * config.out_features * config.ktaps + (
                 config.out_features if config.bias else 0
             )
-        elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        elif layer_kind(m) is not None:
             config, expansion, folded_params = LayerConfig.from_module(m), "", count_parameters(m)
         else:
             continue

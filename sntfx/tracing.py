@@ -32,7 +32,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 
-from .blocks import SNTBlock
+from .blocks import LAYER_CLASSES, SNTBlock
 from .errors import TraceError
 from .graph_utils import is_plain, mode
 
@@ -79,7 +79,7 @@ class _RetryTracer(fx.Tracer):
             return True
         if _is_default_leaf(m):
             return True
-        if isinstance(m, SNTBlock) or is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
+        if isinstance(m, SNTBlock) or is_plain(m, *LAYER_CLASSES.values()):
             return True  # user subclasses that keep the layer's forward stay layers
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -104,6 +104,24 @@ class Conv1dNet(nn.Module):
         return self.bn_fc(self.fc(x.mean(-1)))
 
 
+class Conv3dNet(nn.Module):
+    """A small video-style network: a strided, biasless 3-d stem with BatchNorm3d, a grouped replicate-padded
+    conv, an anisotropic dilated 'same' conv, pooled into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(2, 6, (3, 3, 2), stride=(1, 2, 1), padding=(1, 1, 0), bias=False)
+        self.bn = nn.BatchNorm3d(6)
+        self.c2 = nn.Conv3d(6, 6, 3, padding=1, groups=3, padding_mode="replicate")
+        self.c3 = nn.Conv3d(6, 4, (1, 3, 3), dilation=(1, 2, 1), padding="same")
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        x = x + torch.relu(self.c2(x))
+        return self.fc(self.c3(x).mean((2, 3, 4)))
+
+
 class Tokens(nn.Module):
     """A bias-free Linear on (N, T, C) tokens, T == C, then BatchNorm1d over T: not a bias sink."""
 

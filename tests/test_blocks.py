@@ -30,6 +30,8 @@ LAYERS = {
     "1x1": lambda: nn.Conv2d(8, 8, 1),
     "conv1d circular": lambda: nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular"),
     "conv1d s2 dilated": lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=3, padding=2, bias=False),
+    "conv3d s(1,2,1)": lambda: nn.Conv3d(4, 6, (3, 3, 2), stride=(1, 2, 1), padding=(1, 1, 0)),
+    "conv3d grouped replicate": lambda: nn.Conv3d(4, 4, 3, padding=1, groups=2, padding_mode="replicate", bias=False),
     "linear": lambda: nn.Linear(10, 10),
     "linear wide-in": lambda: nn.Linear(24, 5),
     "linear wide-out": lambda: nn.Linear(5, 24),
@@ -42,6 +44,8 @@ def _input_for(layer: nn.Module, gen: torch.Generator, spatial=(9, 10)) -> torch
         return torch.randn(3, 4, layer.in_features, generator=gen)  # leading dims, like tokens
     if isinstance(layer, nn.Conv1d):
         return torch.randn(2, layer.in_channels, 13, generator=gen)
+    if isinstance(layer, nn.Conv3d):
+        return torch.randn(2, layer.in_channels, 5, *spatial, generator=gen)
     return torch.randn(2, layer.in_channels, *spatial, generator=gen)
 
 
@@ -108,7 +112,7 @@ def test_branch_block_structure():
 @pytest.mark.parametrize("style", ONLINE_STYLES)
 @pytest.mark.parametrize("name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "3x5 dilated grouped", "reflect",
                                   "replicate even k s2", "same even k", "conv1d circular", "conv1d s2 dilated",
-                                  "linear", "linear no-bias"])
+                                  "conv3d s(1,2,1)", "conv3d grouped replicate", "linear", "linear no-bias"])
 def test_online_forward_matches_explicit_outputs_and_gradients(style, name):
     layer = LAYERS[name]()
     gen = torch.Generator().manual_seed(0)
@@ -161,7 +165,8 @@ def test_online_forward_float32_within_1e5():
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize(
-    "name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "3x5 dilated grouped", "reflect", "linear", "linear wide-in", "linear wide-out"]
+    "name", ["3x3", "3x3 s2 no-bias", "5x5 depthwise", "3x5 dilated grouped", "reflect", "conv3d grouped replicate",
+             "linear", "linear wide-in", "linear wide-out"]
 )
 def test_preserve_computes_the_original_layer(style, name):
     layer = LAYERS[name]()
@@ -340,7 +345,7 @@ def _branch_reference(block, x):
     if block.avg_proj is not None:
         t = block.avg_norm(block.avg_proj(xp))
         uniform = torch.full((c.out_features, 1, *c.kernel), 1.0 / c.ktaps, dtype=t.dtype)
-        conv = F.conv2d if c.ndim == 2 else F.conv1d
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[c.ndim]
         y = y + block.avg_post_norm(conv(t, uniform, None, c.stride, 0, c.dilation, c.out_features))
     if block.has_identity:
         y = y + (block.identity_norm(xc) if block.identity_norm is not None else xc)

@@ -36,6 +36,19 @@ class Mixed(nn.Module):
         return self.fc(h.transpose(1, 2)).mean(dim=1)
 
 
+class Volume(nn.Module):
+    """Conv3d (strided, padded, grouped; reflect-padded, dilated), pooled into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(3, 4, (2, 3, 3), stride=(1, 2, 2), padding=(1, 1, 0))
+        self.c2 = nn.Conv3d(4, 4, 3, padding=(1, 2, 1), dilation=(1, 2, 1), groups=2, padding_mode="reflect")
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(self.c2(torch.relu(self.c1(x))).mean((2, 3, 4)))
+
+
 def _batches(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(5, 4, 12, 11, generator=g) * torch.linspace(0.1, 3, 4).reshape(1, 4, 1, 1) for _ in range(n)]
@@ -62,21 +75,27 @@ def _reference_norm(layer: nn.Module, inputs: list[torch.Tensor]) -> torch.Tenso
     return out.sqrt()
 
 
-def test_input_norms_are_the_norms_of_the_columns_each_weight_multiplies():
+def _volumes(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 4, 9, 8, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("model_cls,batches", [(Mixed, _batches), (Volume, _volumes)])
+def test_input_norms_are_the_norms_of_the_columns_each_weight_multiplies(model_cls, batches):
     torch.manual_seed(0)
-    model = Mixed()
-    gm = sntfx.trace(model, _batches()[0])
+    model = model_cls()
+    gm = sntfx.trace(model, batches()[0])
     layers = prunable_layers(gm)
     captured: dict[str, list] = {name: [] for name, _ in layers}
     hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: captured[name].append(a[0].detach()))
              for name, m in layers]
     gm.eval()
     with torch.no_grad():
-        for x in _batches():
+        for x in batches():
             gm(x)
     for h in hooks:
         h.remove()
-    norms = input_feature_norms(gm, layers, _batches())
+    norms = input_feature_norms(gm, layers, batches())
     assert set(norms) == {name for name, _ in layers}
     for name, layer in layers:
         want = _reference_norm(layer, captured[name])

@@ -14,7 +14,7 @@ from sntfx.passes import FoldBatchNorm, SNTExpand, SNTFold
 from sntfx.passes.snt_expand import OVER_BUDGET, OVER_MEMORY
 from sntfx.tracing import compare_outputs
 
-from models_for_tests import Conv1dNet, ConvNet, Functional, Tied, Tokens
+from models_for_tests import Conv1dNet, Conv3dNet, ConvNet, Functional, Tied, Tokens
 
 TOL = 1e-5
 
@@ -38,7 +38,8 @@ def _roundtrip(model, x, style, **kw):
 
 
 @pytest.mark.parametrize("style", style_names())
-@pytest.mark.parametrize("model_cls,shape", [(ConvNet, (2, 3, 8, 8)), (Conv1dNet, (3, 2, 16))])
+@pytest.mark.parametrize("model_cls,shape", [(ConvNet, (2, 3, 8, 8)), (Conv1dNet, (3, 2, 16)),
+                                             (Conv3dNet, (2, 2, 4, 8, 6))])
 def test_expand_then_fold_is_exact_and_restores_the_architecture(style, model_cls, shape):
     torch.manual_seed(0)
     x = torch.randn(shape)
@@ -46,7 +47,7 @@ def test_expand_then_fold_is_exact_and_restores_the_architecture(style, model_cl
     gm, snt, folded, srep, frep, err, n_orig = _roundtrip(model_cls(), x, style, ratio=3, budget=None)
     assert err <= TOL
     assert srep.modified and frep.modified
-    n_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in gm.modules())
+    n_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in gm.modules())
     assert srep.stats[f"expanded: {style}"] == n_layers
     assert sum(isinstance(m, SNTBlock) for m in snt.modules()) == n_layers
     assert not any(isinstance(m, SNTBlock) for m in folded.modules())
@@ -222,10 +223,11 @@ def test_training_the_snt_model_leaves_the_users_module_as_it_was():
         sntfx.transform(model, x)
 
 
-def test_fold_with_batchnorm_removes_every_batchnorm_exactly():
+@pytest.mark.parametrize("model_cls,shape", [(Conv1dNet, (4, 2, 16)), (Conv3dNet, (2, 2, 4, 8, 6))])
+def test_fold_with_batchnorm_removes_every_batchnorm_exactly(model_cls, shape):
     torch.manual_seed(0)
-    x = torch.randn(4, 2, 16)
-    gm = sntfx.trace(Conv1dNet().eval(), x)
+    x = torch.randn(shape)
+    gm = sntfx.trace(model_cls().eval(), x)
     randomize_(gm, 1)
     snt = sntfx.transform(gm, x, style="branch")
     randomize_(snt, 2)
@@ -233,7 +235,7 @@ def test_fold_with_batchnorm_removes_every_batchnorm_exactly():
     with torch.no_grad():
         want = snt(x)
     folded = sntfx.fold(snt, x, batchnorm=True, check=True)
-    assert not any(isinstance(m, nn.BatchNorm1d) for m in folded.modules())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     with torch.no_grad():
         assert compare_outputs(want, folded(x)) <= TOL
 

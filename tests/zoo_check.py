@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import sntfx
-from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, make_block
+from sntfx.blocks import LAYER_CLASSES, BranchBlock, LayerConfig, LinearExpansion, make_block
 from sntfx.graph_utils import is_plain, randomize_
 from sntfx.tracing import compare_outputs
 
@@ -132,7 +132,7 @@ def expanded_estimate(model: nn.Module, style: str, ratio: int) -> int:
     """Parameters the model will have after expansion, if every plain conv/linear layer is expanded."""
     total = count(model)
     for m in model.modules():
-        if is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
+        if is_plain(m, *LAYER_CLASSES.values()):
             total += block_params(LayerConfig.from_module(m), style, ratio) - count(m)
     return total
 
@@ -141,7 +141,7 @@ def _check_blockwise(model, x, style, ratio, name, start) -> ZooResult:
     inputs: dict[LayerConfig, tuple[str, torch.Tensor]] = {}
     hooks = []
     for path, m in model.named_modules():
-        if is_plain(m, nn.Conv1d, nn.Conv2d, nn.Linear):
+        if is_plain(m, *LAYER_CLASSES.values()):
             config = LayerConfig.from_module(m)
 
             def hook(mod, args, path=path, config=config):

@@ -14,8 +14,8 @@ from torch.nn.utils import skip_init
 __all__ = ["LayerConfig", "SNTBlock", "is_expanded", "layer_macs", "layer_kind", "LAYER_CLASSES", "LAYER_TYPES",
            "ELEMENT_MACS", "OPTIMIZER_PASSES", "OPTIMIZER_STATES"]
 
-_CONV_FN = {1: F.conv1d, 2: F.conv2d}
-_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_CLS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 #: The training-cost model of the ``snt`` pass's budget, calibrated with ``benchmarks/bench_compose_cost.py``
 #: (``benchmarks/results/train-step/cpu-compose-cost.json``). Its unit is one forward multiply-add of a plain
@@ -35,12 +35,13 @@ OPTIMIZER_PASSES = 2.5
 OPTIMIZER_STATES = 2
 
 #: The layer kinds SNT expands, prunes and quantizes, by name (the policy's ``types``, ``LayerConfig.kind``).
-LAYER_CLASSES: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "linear": nn.Linear}
+LAYER_CLASSES: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d,
+                                             "linear": nn.Linear}
 LAYER_TYPES = tuple(LAYER_CLASSES)
 
 
 def layer_kind(m: nn.Module) -> str | None:
-    """``"conv1d"``, ``"conv2d"`` or ``"linear"`` for those layers (and their subclasses), else None."""
+    """``"conv1d"``, ``"conv2d"``, ``"conv3d"`` or ``"linear"`` for those layers (and subclasses), else None."""
     return next((kind for kind, cls in LAYER_CLASSES.items() if isinstance(m, cls)), None)
 
 
@@ -48,7 +49,7 @@ def layer_kind(m: nn.Module) -> str | None:
 class LayerConfig:
     """The hyper-parameters of the layer a block replaces (and folds back into)."""
 
-    kind: str  # "conv1d" | "conv2d" | "linear"
+    kind: str  # "conv1d" | "conv2d" | "conv3d" | "linear"
     in_features: int
     out_features: int
     kernel: tuple[int, ...] = ()
