@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from choose_default import step_costs, table, verdicts  # noqa: E402  (a sibling script)
 
-from sntfx.study.stats import PRIMARY_SCORES, confidence_interval, metrics_of  # noqa: E402
+from sntfx.study.stats import PRIMARY_SCORES, mean_interval, metrics_of  # noqa: E402
 
 SPLITS = {"val": "validation split", "test": "test split"}
 
@@ -39,14 +39,6 @@ def fail(message: str) -> None:
     """Bad input: the message on stderr, exit 2."""
     print(f"final_table.py: {message}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def _stats(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"mean": None, "ci95": None}
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": mean, "ci95": confidence_interval(mean, std, len(values))}
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -67,10 +59,11 @@ def accuracy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         per_run.setdefault((record["model"], record["method"]), []).append(metrics_of(record))
     rows = []
     for (model, method), runs in per_run.items():
-        row = {"model": model, "method": method, "seeds": len(runs), "float": _stats([m["float"] for m in runs if "float" in m])}
+        row = {"model": model, "method": method, "seeds": len(runs),
+               "float": mean_interval([m["float"] for m in runs if "float" in m])}
         for name, keys in PRIMARY_SCORES.items():
             means = [statistics.fmean(m[k] for k in keys) for m in runs if all(k in m for k in keys)]
-            row[name] = _stats(means)
+            row[name] = mean_interval(means)
         rows.append(row)
     return rows
 

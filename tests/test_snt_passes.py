@@ -8,7 +8,7 @@ from torch import nn
 
 import sntfx
 from sntfx import PassContext, PassManager, Policy, Rule
-from sntfx.blocks import BranchBlock, LayerConfig, LinearExpansion, SNTBlock, style_names
+from sntfx.blocks import LAYER_CLASSES, BranchBlock, LayerConfig, LinearExpansion, SNTBlock, style_names
 from sntfx.graph_utils import randomize_, saved_for_backward
 from sntfx.passes import FoldBatchNorm, SNTExpand, SNTFold
 from sntfx.passes.snt_expand import OVER_BUDGET, OVER_MEMORY
@@ -47,7 +47,7 @@ def test_expand_then_fold_is_exact_and_restores_the_architecture(style, model_cl
     gm, snt, folded, srep, frep, err, n_orig = _roundtrip(model_cls(), x, style, ratio=3, budget=None)
     assert err <= TOL
     assert srep.modified and frep.modified
-    n_layers = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) for m in gm.modules())
+    n_layers = sum(isinstance(m, tuple(LAYER_CLASSES.values())) for m in gm.modules())
     assert srep.stats[f"expanded: {style}"] == n_layers
     assert sum(isinstance(m, SNTBlock) for m in snt.modules()) == n_layers
     assert not any(isinstance(m, SNTBlock) for m in folded.modules())

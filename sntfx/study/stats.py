@@ -14,7 +14,7 @@ from ..errors import SntfxError
 from .config import StudyConfig
 
 __all__ = ["metrics_of", "summarize", "resummarize", "validate_results", "read_validation_results",
-           "confidence_interval", "PRIMARY_SCORES", "SCHEMA_PATH", "SCHEMA_VERSION"]
+           "confidence_interval", "mean_interval", "PRIMARY_SCORES", "SCHEMA_PATH", "SCHEMA_VERSION"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "study-results.schema.json"
 SCHEMA_VERSION = 1
@@ -62,7 +62,7 @@ def metrics_of(record: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
+def mean_interval(values: Sequence[float]) -> dict[str, Any]:
     """Mean, sample standard deviation, n and the 95% confidence interval of the mean (t, n - 1 dof; n >= 2)."""
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     if not vals:
@@ -124,18 +124,18 @@ def _summarize(records: Sequence[dict[str, Any]], models: Sequence[str]) -> dict
         metrics, gains, groups, primary, mechanism = {}, {}, {}, {}, {}
         for method, by_seed in per_method.items():
             names = sorted({k for m in by_seed.values() for k in m})
-            metrics[method] = {k: _stats([m.get(k) for m in by_seed.values()]) for k in names}
+            metrics[method] = {k: mean_interval([m.get(k) for m in by_seed.values()]) for k in names}
             rel_time = [by_seed[s]["epoch_seconds"] / adam[s]["epoch_seconds"] for s in by_seed
                         if s in adam and "epoch_seconds" in by_seed[s] and "epoch_seconds" in adam[s]]
-            metrics[method]["epoch_time_vs_adam"] = _stats(rel_time)
+            metrics[method]["epoch_time_vs_adam"] = mean_interval(rel_time)
             if method == "adam":
                 continue
             acc_keys = [k for k in names if _is_accuracy(k)]
-            gains[method] = {k: _stats(_paired(by_seed, adam, k)) for k in acc_keys}
-            groups[method] = {g: _stats(_group_gain(by_seed, adam, keys)) for g, keys in _groups(acc_keys).items()}
-            primary[method] = {name: _stats(_group_gain(by_seed, adam, list(keys)))
+            gains[method] = {k: mean_interval(_paired(by_seed, adam, k)) for k in acc_keys}
+            groups[method] = {g: mean_interval(_group_gain(by_seed, adam, keys)) for g, keys in _groups(acc_keys).items()}
+            primary[method] = {name: mean_interval(_group_gain(by_seed, adam, list(keys)))
                                for name, keys in PRIMARY_SCORES.items()}
-            mechanism[method] = {k: _stats(_paired(by_seed, adam, k)) for k in names if k.startswith(MECHANISM)}
+            mechanism[method] = {k: mean_interval(_paired(by_seed, adam, k)) for k in names if k.startswith(MECHANISM)}
         out[model] = {"metrics": metrics, "gains_over_adam": gains, "group_gains_over_adam": groups,
                       "primary_scores": primary, "mechanism_vs_adam": mechanism}
     return out
