@@ -23,7 +23,7 @@ __all__ = ["DEFAULT_STYLE", "DEFAULT_RATIO", "DEFAULT_BUDGET", "DEFAULT_MEMORY_B
            "canonical_passes"]
 
 #: The expansion style used when none is named (``sntfx transform``, the policy, ``sntfx.transform``).
-DEFAULT_STYLE = "qa-branch"
+DEFAULT_STYLE = "lin-branch"
 #: The expansion ratio of styles that take one, when none is named.
 DEFAULT_RATIO = 4
 #: The most that composing kernels in online training may add to a step, as a fraction of the plain model's

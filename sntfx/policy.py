@@ -64,7 +64,7 @@ class Policy:
     """Which layers to expand, with which style and ratio.
 
     Attributes:
-        style: default style (``linear``, ``branch``, ``qa-branch``).
+        style: default style, any registered one (``sntfx transform --help`` lists them).
         ratio: default expansion ratio (used by ``linear``).
         types: layer kinds to consider, among ``conv1d``, ``conv2d``, ``conv3d``, ``linear``.
         include / exclude: module-path globs; a layer must match one include

@@ -118,7 +118,7 @@ class StudyConfig:
     models: list[str] = field(default_factory=lambda: ["sntfx:smallvgg"])
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["adam", "sam", "snt-qa-branch", "snt-linear"])
+    methods: list[str] = field(default_factory=lambda: ["adam", "sam", "snt-lin-branch", "snt-qa-branch"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 5
     batch_size: int = 128
@@ -283,11 +283,11 @@ def quick_data() -> str:
 PRESETS: dict[str, dict[str, Any]] = {
     # Under 10 minutes on 2 CPU cores: Fashion-MNIST when installed, else digits.
     "quick": {
-        "fashion-mnist": {"models": ["sntfx:smallvgg"], "methods": ["adam", "sam", "snt-qa-branch", "snt-linear"],
+        "fashion-mnist": {"models": ["sntfx:smallvgg"], "methods": ["adam", "sam", "snt-lin-branch", "snt-qa-branch"],
                           "seeds": [0, 1], "epochs": 1, "lr": 2e-3, "eval_images": 2000, "sharpness_batches": 2,
                           "sharpness_iters": 20, "trace_samples": 5, "bench_iters": 20,
                           "sparsities": [0.3, 0.5, 0.7, 0.9], "channel_sparsities": [0.1, 0.3]},
-        "digits": {"models": ["sntfx:smallvgg"], "methods": ["adam", "sam", "snt-qa-branch", "snt-linear"],
+        "digits": {"models": ["sntfx:smallvgg"], "methods": ["adam", "sam", "snt-lin-branch", "snt-qa-branch"],
                    "seeds": [0, 1, 2], "epochs": 15, "batch_size": 64, "lr": 3e-3, "sharpness_batches": 2,
                    "sharpness_iters": 20, "trace_samples": 5, "bench_iters": 20,
                    "sparsities": [0.5, 0.7, 0.8, 0.9], "channel_sparsities": [0.2, 0.4]},
@@ -295,7 +295,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The full protocol (CIFAR-10 from a local directory, GPUs, torchrun); see the README for its cost.
     "paper": {
         "cifar10": {"models": ["sntfx:resnet20", "sntfx:resnet56", "sntfx:vgg16", "sntfx:mobilenetv2", "sntfx:vit"],
-                    "methods": ["adam", "sam", "snt-qa-branch", "snt-branch", "snt-linear", "snt-qa-branch+sam"],
+                    "methods": ["adam", "sam", "snt-lin-branch", "snt-qa-branch", "snt-linear", "snt-qa-branch+sam"],
                     "seeds": [0, 1, 2], "epochs": 200, "batch_size": 128, "lr": 1e-3, "weight_decay": 5e-4,
                     "sharpness_batches": 8, "sharpness_iters": 50, "trace_samples": 20, "bench_iters": 100},
     },
