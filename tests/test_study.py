@@ -656,6 +656,19 @@ def test_presets_resolve():
         preset_config("huge", {})
 
 
+def test_every_preset_and_the_default_study_compare_the_default_style_with_adam_and_sam():
+    """Changing the default style (sntfx.pipelines) without the study's presets would demo a style nobody ships."""
+    from sntfx.pipelines import DEFAULT_STYLE
+    from sntfx.study import preset_config
+    from sntfx.study.config import PRESETS
+
+    want = {"adam", "sam", f"snt-{DEFAULT_STYLE}"}
+    assert want <= set(StudyConfig().methods)
+    for name, by_data in PRESETS.items():
+        for data in by_data:
+            assert want <= set(preset_config(name, {"data": data}).methods), (name, data)
+
+
 def test_run_labels_are_unique():
     study = Study(StudyConfig(models=["sntfx:cnn", "sntfx:resnet20"], methods=["adam", "snt-linear"], seeds=[0, 1]),
                   "unused")
