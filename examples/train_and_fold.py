@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 import sntfx
+from sntfx.blocks import get_style, style_names
 from sntfx.data import fixed_batches, load_data
+from sntfx.pipelines import DEFAULT_RATIO, DEFAULT_STYLE
 from sntfx.sharpness import batch_loss_fn, top_eigenvalue
 from sntfx.tracing import compare_outputs
 from sntfx.train import TrainConfig, Trainer, evaluate
@@ -48,8 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="train-and-fold")
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--style", default="linear", choices=["linear", "branch", "qa-branch"])
-    parser.add_argument("--ratio", type=int, default=4)
+    parser.add_argument("--style", default=DEFAULT_STYLE, choices=style_names(),
+                        help=f"expansion style (default: {DEFAULT_STYLE}, the product's)")
+    parser.add_argument("--ratio", type=int, default=DEFAULT_RATIO, help="expansion ratio, for styles that take one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
@@ -64,6 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     plain = sntfx.trace("sntfx:cnn", x)
     snt = sntfx.transform(plain, x, style=args.style, ratio=args.ratio)
+    ratio = f" x{args.ratio}" if "ratio" in get_style(args.style).options else ""
     plain_result = Trainer(config, Progress("adam")).fit(plain, data, out / "adam.pt")
     snt_result = Trainer(config, Progress(f"snt-{args.style}")).fit(snt, data, out / "snt.pt")
 
@@ -81,7 +85,7 @@ def main() -> None:
 
     batches = fixed_batches(data.train, batches=2, batch_size=256)  # sharpness of the training loss
     rows = []
-    for name, model in (("Adam", plain), (f"SNT {args.style} x{args.ratio}, folded", folded),
+    for name, model in (("Adam", plain), (f"SNT {args.style}{ratio}, folded", folded),
                         ("  reloaded from disk", reloaded)):
         model.eval()
         acc = evaluate(model, test_loader, torch.device("cpu"))["accuracy"]
